@@ -1,0 +1,1 @@
+"""Pallas kernels for token scoring, each beside its pure-jnp reference (imported as vtr_jax.kernels)."""

@@ -1,0 +1,120 @@
+"""Building blocks shared by the vision tower and the decoder.
+
+Einsum letters used in this package (as in big_vision's gemma.py):
+  B batch, T query length, S key/value length, N query heads, K kv heads,
+  G query heads per kv head (N = K * G), H head dim, D model dim, F mlp dim.
+
+Logical axis names live here, once: every parameter is created through
+`param_axes`, so `vtr_jax.sharding` can map names to mesh axes from a config.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Logical axis names of parameters.
+EMBED = "embed"
+MLP = "mlp"
+HEADS = "heads"
+KV_HEADS = "kv_heads"
+HEAD_DIM = "head_dim"
+VOCAB = "vocab"
+NORM = "norm"
+POSITIONS = "positions"
+PATCH = "patch"  # conv kernel height / width
+CHANNELS = "channels"
+
+# Logical axis names of activations (used by `nn.with_logical_constraint`).
+ACT_BATCH = "activation_batch"
+ACT_LENGTH = "activation_length"
+ACT_EMBED = "activation_embed"
+ACT_HEADS = "activation_heads"
+ACT_VOCAB = "activation_vocab"
+
+
+def param_axes(init: Callable, axes: Sequence[str]) -> Callable:
+  """An initializer whose parameter carries logical axis names `axes`."""
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Activation sharding constraint by logical names (no-op without rules)."""
+  return nn.with_logical_constraint(x, tuple(axes))
+
+
+def dense_init(scale: float = 0.02) -> Callable:
+  return nn.initializers.normal(stddev=scale)
+
+
+def masked_softmax(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Softmax over the last axis in float32; masked entries get exactly 0.
+
+  A fully masked row yields all zeros (never NaN).
+  """
+  logits = logits.astype(jnp.float32)
+  if mask is None:
+    return jax.nn.softmax(logits, axis=-1)
+  big_neg = jnp.finfo(jnp.float32).min
+  logits = jnp.where(mask, logits, big_neg)
+  peak = jnp.max(logits, axis=-1, keepdims=True)
+  e = jnp.where(mask, jnp.exp(logits - jax.lax.stop_gradient(peak)), 0.0)
+  denom = jnp.sum(e, axis=-1, keepdims=True)
+  return e / jnp.where(denom > 0, denom, 1.0)
+
+
+def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+  """Scaled logits with grouped-query heads.
+
+  Args:
+    q: float[B, T, N, H] queries.
+    k: float[B, S, K, H] keys, N % K == 0.
+  Returns:
+    float32[B, N, T, S], scaled by 1/sqrt(H).
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, N, H] -> [B, T, K, G, H]
+  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+  logits = logits * (h ** -0.5)
+  return logits.reshape(b, n, t, logits.shape[-1])  # [B, K, G, T, S] -> [B, N, T, S]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          mask: jax.Array | None, bias: jax.Array | None = None) -> jax.Array:
+  """Softmax attention with grouped-query heads, computed in float32.
+
+  Args:
+    q: float[B, T, N, H].  k, v: float[B, S, K, H].
+    mask: bool[B, T, S] (or broadcastable, e.g. [B, 1, S]); True = may attend.
+    bias: optional float[B, S] added to every query's logits (ToMe's log-size).
+  Returns:
+    float[B, T, N, H] in q's dtype.
+  """
+  logits = attention_logits(q, k)  # [B, N, T, S]
+  if bias is not None:
+    logits = logits + bias[:, None, None, :].astype(jnp.float32)
+  probs = masked_softmax(logits, None if mask is None else mask[:, None])
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  probs = probs.reshape(b, kh, n // kh, t, -1)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def causal_mask(valid_q: jax.Array, valid_k: jax.Array) -> jax.Array:
+  """bool[B, T, S] for a prefill where query t sits at key slot t.
+
+  Query t may attend key s when s <= t and key s is valid; every query may
+  attend itself so that padding rows stay finite (their outputs are unused).
+  """
+  t = valid_q.shape[1]
+  s = valid_k.shape[1]
+  slot_q = jnp.arange(t)[:, None]
+  slot_k = jnp.arange(s)[None, :]
+  allowed = (slot_k <= slot_q)[None] & valid_k[:, None, :]
+  return allowed | (slot_k == slot_q)[None]

@@ -1,0 +1,333 @@
+"""LLaMA-family decoder (and the Qwen2 variant) with per-layer KV caches.
+
+Einsum letters: B batch, T query length, S key/value length, N query heads,
+K kv heads, H head dim, D model dim, F mlp dim, V vocabulary.
+
+- RMSNorm, RoPE from *explicit* position ids (never an implicit arange: some
+  reduction methods keep original positions with gaps), grouped-query
+  attention, SwiGLU MLP. Qwen2 adds q/k/v biases and its own RoPE base.
+- The KV cache is one `LayerCache` per layer, each with its own static length,
+  because in-LLM token reduction shortens the caches of later layers.
+- `prefill` runs the layers as a Python loop and calls an optional
+  `BoundaryHook` before every layer: the seam where in-LLM methods score,
+  drop or merge tokens (`vtr_jax.reduce`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vtr_jax.models import common as c
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Geometry of the language model.
+
+  Attributes:
+    kind: `llama` or `qwen2` (q/k/v projections with bias).
+    head_dim: per-head width; 0 means hidden_size // num_heads.
+    tie_embeddings: the output head reuses the input embedding matrix.
+  """
+  kind: str = "llama"
+  vocab_size: int = 32064
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int = 0
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  tie_embeddings: bool = False
+  max_positions: int = 4096
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.kind not in ("llama", "qwen2"):
+      raise ValueError(f"DecoderConfig.kind must be 'llama' or 'qwen2', got {self.kind!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+    if not self.head_dim and self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                       "set head_dim explicitly")
+
+  @property
+  def qkv_bias(self) -> bool:
+    return self.kind == "qwen2"
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+
+@flax.struct.dataclass
+class LayerCache:
+  """Keys and values of one layer.
+
+  Attributes:
+    k, v: float[B, S, K, H]; slot order is sequence order.
+    valid: bool[B, S] slots holding a real token.
+    end: int32[] slots filled so far (the next write goes to slot `end`).
+  """
+  k: Array
+  v: Array
+  valid: Array
+  end: Array
+
+  @property
+  def length(self) -> int:
+    return self.k.shape[1]
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Per-layer caches plus the position id the next token takes, int32[B]."""
+  layers: tuple[LayerCache, ...]
+  next_position: Array
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary embedding, Hugging Face's rotate-half layout.
+
+  Args:
+    x: float[B, T, N, H].
+    positions: int32[B, T].
+  """
+  h = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    w = self.param("weight", c.param_axes(nn.initializers.ones, (c.NORM,)), (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return w.astype(self.dtype) * y.astype(self.dtype)
+
+
+class DecoderAttention(nn.Module):
+  config: DecoderConfig
+
+  def setup(self):
+    cfg = self.config
+    h = cfg.dim_per_head
+
+    def proj(name, heads, head_axis):
+      return nn.DenseGeneral(
+          (heads, h), use_bias=cfg.qkv_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+          kernel_init=c.param_axes(c.dense_init(), (c.EMBED, head_axis, c.HEAD_DIM)),
+          bias_init=c.param_axes(nn.initializers.zeros, (head_axis, c.HEAD_DIM)))
+
+    self.q_proj = proj("q_proj", cfg.num_heads, c.HEADS)
+    self.k_proj = proj("k_proj", cfg.num_kv_heads, c.KV_HEADS)
+    self.v_proj = proj("v_proj", cfg.num_kv_heads, c.KV_HEADS)
+    self.o_proj = nn.DenseGeneral(
+        cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        name="o_proj", kernel_init=c.param_axes(c.dense_init(), (c.HEADS, c.HEAD_DIM, c.EMBED)))
+
+  def qk(self, x: Array, positions: Array) -> tuple[Array, Array]:
+    """Normed hidden float[B, T, D] -> roped q float[B, T, N, H], k float[B, T, K, H]."""
+    theta = self.config.rope_theta
+    return rope(self.q_proj(x), positions, theta), rope(self.k_proj(x), positions, theta)
+
+  def __call__(self, x: Array, positions: Array, mask: Array,
+               cache: LayerCache | None = None) -> tuple[Array, Array, Array, LayerCache | None]:
+    """Attention over x (prefill) or over the cache plus x (decode).
+
+    Args:
+      x: float[B, T, D] normed hidden states.
+      positions: int32[B, T].
+      mask: bool[B, T, S] (prefill, S = T) or bool[B, T, S_cache] (decode).
+      cache: for decoding, the layer's cache; x's keys are written at `end`.
+    Returns:
+      (out float[B, T, D], k float[B, T, K, H], v, updated cache or None).
+    """
+    q, k = self.qk(x, positions)
+    v = self.v_proj(x)
+    if cache is None:
+      out = c.dot_product_attention(q, k, v, mask)
+      return self.o_proj(out), k, v, None
+    t = x.shape[1]
+    new_k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache.end, axis=1)
+    new_v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache.end, axis=1)
+    new_valid = jax.lax.dynamic_update_slice_in_dim(
+        cache.valid, jnp.ones((x.shape[0], t), bool), cache.end, axis=1)
+    cache = LayerCache(new_k, new_v, new_valid, cache.end + t)
+    out = c.dot_product_attention(q, new_k, new_v, mask)
+    return self.o_proj(out), k, v, cache
+
+
+class DecoderMLP(nn.Module):
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dense = lambda name, feats, axes: nn.Dense(
+        feats, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+        kernel_init=c.param_axes(c.dense_init(), axes))
+    gate = dense("gate_proj", cfg.intermediate_size, (c.EMBED, c.MLP))(x)
+    up = dense("up_proj", cfg.intermediate_size, (c.EMBED, c.MLP))(x)
+    return dense("down_proj", cfg.hidden_size, (c.MLP, c.EMBED))(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  config: DecoderConfig
+
+  def setup(self):
+    cfg = self.config
+    self.input_layernorm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="input_layernorm")
+    self.self_attn = DecoderAttention(cfg, name="self_attn")
+    self.post_attention_layernorm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype,
+                                            name="post_attention_layernorm")
+    self.mlp = DecoderMLP(cfg, name="mlp")
+
+  def qk(self, x: Array, positions: Array) -> tuple[Array, Array]:
+    """This layer's roped q, k for hidden states entering it (float[B, T, D])."""
+    return self.self_attn.qk(self.input_layernorm(x), positions)
+
+  def __call__(self, x: Array, positions: Array, mask: Array, cache: LayerCache | None = None):
+    """Returns (x float[B, T, D], k, v float[B, T, K, H], cache)."""
+    attn, k, v, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache)
+    x = x + attn
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    x = c.constrain(x, (c.ACT_BATCH, c.ACT_LENGTH, c.ACT_EMBED))
+    return x, k, v, cache
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerAccess:
+  """What a boundary hook may use besides the token state.
+
+  Attributes:
+    qk: `qk(layer, x, positions) -> (q float[B, T, N, H], k float[B, T, K, H])`,
+      the roped projections of layer `layer` for hidden states entering it.
+    final_norm: the decoder's last RMSNorm.
+    caches: the layer caches built so far (layers before this boundary).
+  """
+  qk: Callable[[int, Array, Array], tuple[Array, Array]]
+  final_norm: Callable[[Array], Array]
+  caches: tuple[LayerCache, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundaryHook:
+  """`fn(layer, state, access) -> state`, called before each decoder layer.
+
+  `state` is a dict with at least `x` float[B, T, D], `positions` int32[B, T]
+  and `valid` bool[B, T]; the caller may add entries (e.g. `visual` bool[B, T])
+  and the hook may change T and add entries; everything comes back in aux.
+  """
+  fn: Callable[[int, dict, LayerAccess], dict]
+
+
+class Decoder(nn.Module):
+  config: DecoderConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                 embedding_init=c.param_axes(c.dense_init(), (c.VOCAB, c.EMBED)),
+                                 name="embed_tokens")
+    self.layers = [DecoderLayer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")
+    if not cfg.tie_embeddings:
+      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                              kernel_init=c.param_axes(c.dense_init(), (c.EMBED, c.VOCAB)), name="lm_head")
+
+  def embed(self, tokens: Array) -> Array:
+    """int32[B, T] -> float[B, T, D]."""
+    return self.embed_tokens(tokens)
+
+  def logits(self, x: Array) -> Array:
+    """Final norm and output head: float[B, T, D] -> float32[B, T, V]."""
+    x = self.norm(x)
+    if self.config.tie_embeddings:
+      out = self.embed_tokens.attend(x)
+    else:
+      out = self.lm_head(x)
+    return out.astype(jnp.float32)
+
+  def layer_qk(self, layer: int, x: Array, positions: Array) -> tuple[Array, Array]:
+    return self.layers[layer].qk(x, positions)
+
+  def __call__(self, tokens: Array, positions: Array, valid: Array) -> Array:
+    """Text-only forward (used by `init`): int32[B, T] -> float32[B, T, V]."""
+    logits, _, _ = self.prefill(self.embed(tokens), positions, valid)
+    return logits
+
+  def prefill(self, x: Array, positions: Array, valid: Array, *, cache_extra: int | None = None,
+              hook: BoundaryHook | None = None, state_extras: dict | None = None,
+              last_only: bool = False) -> tuple[Array, KVCache | None, dict]:
+    """Runs every layer over a left-padded sequence.
+
+    Args:
+      x: float[B, T, D] input embeddings.
+      positions: int32[B, T] RoPE position ids.
+      valid: bool[B, T] real tokens (False for padding or masked tokens).
+      cache_extra: build a KV cache with this many free slots per layer for
+        decoding (None: no cache).
+      hook: optional boundary hook (in-LLM token reduction).
+      state_extras: extra entries for the hook's state (e.g. `visual`).
+      last_only: return only the last slot's logits, float32[B, V].
+    Returns:
+      (logits float32[B, T', V] or [B, V], cache or None, final hook state).
+    """
+    state = {"x": x, "positions": positions, "valid": valid, **(state_extras or {})}
+    caches: list[LayerCache] = []
+    for i, layer in enumerate(self.layers):
+      if hook is not None:
+        access = LayerAccess(qk=self.layer_qk, final_norm=self.norm, caches=tuple(caches))
+        state = dict(hook.fn(i, state, access))
+      mask = c.causal_mask(state["valid"], state["valid"])
+      x, k, v, _ = layer(state["x"], state["positions"], mask)
+      state["x"] = x
+      if cache_extra is not None:
+        caches.append(_new_cache(k, v, state["valid"], cache_extra))
+    x = state["x"]
+    logits = self.logits(x[:, -1:])[:, 0] if last_only else self.logits(x)
+    cache = None
+    if cache_extra is not None:
+      pos = jnp.where(state["valid"], state["positions"], -1)
+      cache = KVCache(tuple(caches), jnp.max(pos, axis=1).astype(jnp.int32) + 1)
+    return logits, cache, state
+
+  def decode_step(self, tokens: Array, cache: KVCache) -> tuple[Array, KVCache]:
+    """One token per sample: int32[B] -> (logits float32[B, V], cache)."""
+    x = self.embed(tokens[:, None])  # [B, 1, D]
+    positions = cache.next_position[:, None]
+    new_layers = []
+    for layer, lc in zip(self.layers, cache.layers):
+      slot = jnp.arange(lc.length)[None, :]
+      mask = (lc.valid | (slot == lc.end))[:, None, :]  # [B, 1, S]: filled slots and the new one
+      x, _, _, lc = layer(x, positions, mask, lc)
+      new_layers.append(lc)
+    logits = self.logits(x)[:, 0]
+    return logits, KVCache(tuple(new_layers), cache.next_position + 1)
+
+
+def _new_cache(k: Array, v: Array, valid: Array, extra: int) -> LayerCache:
+  pad = ((0, 0), (0, extra), (0, 0), (0, 0))
+  return LayerCache(jnp.pad(k, pad), jnp.pad(v, pad), jnp.pad(valid, ((0, 0), (0, extra))),
+                    jnp.asarray(k.shape[1], jnp.int32))

@@ -1,0 +1,412 @@
+"""CLIP- and SigLIP-style vision towers (Flax Linen, used functionally).
+
+One module covers both families:
+
+| kind     | class token | pre-LN on embeddings | activation  | post-LN   | patch bias |
+|----------|-------------|----------------------|-------------|-----------|------------|
+| `clip`   | yes         | yes (`pre_layrnorm`) | quick-GELU  | pooled    | no         |
+| `siglip` | no          | no                   | GELU (tanh) | all       | yes        |
+
+As in LLaVA, the tower returns the hidden states of a chosen layer
+(`feature_layer`, Hugging Face's `hidden_states` indexing: 0 = embeddings,
+-2 = penultimate) and runs only the layers it needs. Layers are a Python loop
+so that a reduction method can merge or drop tokens between (and inside)
+blocks; the per-layer extras a method needs are computed only on request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vtr_jax.models import common as c
+
+Array = jax.Array
+
+# Extras a caller may request, per layer (see `VisionTower.__call__`).
+EXTRA_NAMES = ("cls_attn", "keys", "received_attn", "qk")
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """Geometry of a vision tower.
+
+  Attributes:
+    kind: `clip` or `siglip`.
+    image_size: input side in pixels (square images).
+    patch_size: patch side in pixels.
+    feature_layers: Hugging Face `hidden_states` indices to read (0 = the
+      embeddings, -1 = last layer, -2 = penultimate); several are concatenated
+      along features, as LLaVA does with a list of layers.
+    keep_cls: keep the class token in the features (`full` in HF) or drop it
+      (`default`). Ignored for towers without a class token.
+    use_head: SigLIP's attention-pooling head (pooled output only).
+  """
+  kind: str = "clip"
+  image_size: int = 336
+  patch_size: int = 14
+  num_channels: int = 3
+  hidden_size: int = 1024
+  intermediate_size: int = 4096
+  num_layers: int = 24
+  num_heads: int = 16
+  layer_norm_eps: float = 1e-5
+  feature_layers: tuple[int, ...] = (-2,)
+  keep_cls: bool = False
+  use_head: bool = False
+  image_mean: tuple[float, ...] | None = None  # None: the family's default
+  image_std: tuple[float, ...] | None = None
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.kind not in ("clip", "siglip"):
+      raise ValueError(f"VisionConfig.kind must be 'clip' or 'siglip', got {self.kind!r}")
+    clip = self.kind == "clip"
+    if self.image_mean is None:
+      object.__setattr__(self, "image_mean", CLIP_MEAN if clip else SIGLIP_MEAN)
+    if self.image_std is None:
+      object.__setattr__(self, "image_std", CLIP_STD if clip else SIGLIP_STD)
+    if self.image_size % self.patch_size:
+      raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+    for layer in self.feature_layers:
+      if not -(self.num_layers + 1) <= layer <= self.num_layers:
+        raise ValueError(f"feature layer {layer} is outside the {self.num_layers + 1} hidden states "
+                         f"(0..{self.num_layers} or -1..-{self.num_layers + 1})")
+
+  @property
+  def has_cls(self) -> bool:
+    return self.kind == "clip"
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid ** 2
+
+  @property
+  def num_tokens(self) -> int:
+    """Tokens inside the tower (patches, plus the class token if any)."""
+    return self.num_patches + int(self.has_cls)
+
+  @property
+  def num_features(self) -> int:
+    """Tokens the tower hands to the projector."""
+    return self.num_patches + int(self.has_cls and self.keep_cls)
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def feature_dim(self) -> int:
+    return self.hidden_size * len(self.feature_layers)
+
+  @property
+  def feature_indices(self) -> tuple[int, ...]:
+    """Absolute `hidden_states` indices of the feature layers."""
+    return tuple(l % (self.num_layers + 1) for l in self.feature_layers)
+
+  @property
+  def layers_run(self) -> int:
+    """How many blocks must run to produce the features."""
+    return max(self.feature_indices)
+
+
+def _act(kind: str) -> Callable[[Array], Array]:
+  if kind == "clip":
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)  # quick-GELU
+  return lambda x: jax.nn.gelu(x, approximate=True)
+
+
+class VisionAttention(nn.Module):
+  """Multi-head self-attention with biased q/k/v/out projections."""
+  config: VisionConfig
+
+  def setup(self):
+    cfg = self.config
+    dense = lambda name, feats, axes, axis=-1: nn.DenseGeneral(
+        feats, axis=axis, use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+        kernel_init=c.param_axes(c.dense_init(), axes),
+        bias_init=c.param_axes(nn.initializers.zeros, axes[1:] if axis == -1 else axes[2:]))
+    hd = (cfg.num_heads, cfg.head_dim)
+    self.q_proj = dense("q_proj", hd, (c.EMBED, c.HEADS, c.HEAD_DIM))
+    self.k_proj = dense("k_proj", hd, (c.EMBED, c.HEADS, c.HEAD_DIM))
+    self.v_proj = dense("v_proj", hd, (c.EMBED, c.HEADS, c.HEAD_DIM))
+    self.out_proj = dense("out_proj", cfg.hidden_size, (c.HEADS, c.HEAD_DIM, c.EMBED), axis=(-2, -1))
+
+  def qk(self, x: Array) -> tuple[Array, Array]:
+    """float[B, T, D] (already normed) -> q, k: float[B, T, N, H]."""
+    return self.q_proj(x), self.k_proj(x)
+
+  def __call__(self, x: Array, bias: Array | None) -> tuple[Array, Array, Array]:
+    """float[B, T, D] -> (out float[B, T, D], q, k float[B, T, N, H])."""
+    q, k = self.qk(x)
+    v = self.v_proj(x)
+    out = c.dot_product_attention(q, k, v, mask=None, bias=bias)
+    return self.out_proj(out), q, k
+
+
+class VisionMLP(nn.Module):
+  config: VisionConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    x = nn.Dense(cfg.intermediate_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="fc1",
+                 kernel_init=c.param_axes(c.dense_init(), (c.EMBED, c.MLP)),
+                 bias_init=c.param_axes(nn.initializers.zeros, (c.MLP,)))(x)
+    x = _act(cfg.kind)(x)
+    return nn.Dense(cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="fc2",
+                    kernel_init=c.param_axes(c.dense_init(), (c.MLP, c.EMBED)),
+                    bias_init=c.param_axes(nn.initializers.zeros, (c.EMBED,)))(x)
+
+
+def _layer_norm(cfg: VisionConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+                      scale_init=c.param_axes(nn.initializers.ones, (c.NORM,)),
+                      bias_init=c.param_axes(nn.initializers.zeros, (c.NORM,)))
+
+
+class VisionBlock(nn.Module):
+  """Pre-LN transformer block: x + attn(ln1(x)); [hook]; x + mlp(ln2(x))."""
+  config: VisionConfig
+
+  def setup(self):
+    self.layer_norm1 = _layer_norm(self.config, "layer_norm1")
+    self.self_attn = VisionAttention(self.config, name="self_attn")
+    self.layer_norm2 = _layer_norm(self.config, "layer_norm2")
+    self.mlp = VisionMLP(self.config, name="mlp")
+
+  def qk(self, x: Array) -> tuple[Array, Array]:
+    """This block's q, k for input hidden states x: float[B, T, D]."""
+    return self.self_attn.qk(self.layer_norm1(x))
+
+  def attend(self, x: Array, bias: Array | None) -> tuple[Array, Array, Array]:
+    out, q, k = self.self_attn(self.layer_norm1(x), bias)
+    return x + out, q, k
+
+  def feed_forward(self, x: Array) -> Array:
+    return x + self.mlp(self.layer_norm2(x))
+
+  def __call__(self, x: Array, bias: Array | None = None) -> Array:
+    x, _, _ = self.attend(x, bias)
+    return self.feed_forward(x)
+
+
+class AttentionPoolingHead(nn.Module):
+  """SigLIP's multi-head attention pooling (one learned probe)."""
+  config: VisionConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    d = cfg.hidden_size
+    probe = self.param("probe", c.param_axes(c.dense_init(), (None, None, c.EMBED)), (1, 1, d),
+                       cfg.param_dtype)
+    in_proj = self.param("in_proj_kernel", c.param_axes(c.dense_init(), (c.EMBED, None, c.HEADS, c.HEAD_DIM)),
+                         (d, 3, cfg.num_heads, cfg.head_dim), cfg.param_dtype)
+    in_bias = self.param("in_proj_bias", c.param_axes(nn.initializers.zeros, (None, c.HEADS, c.HEAD_DIM)),
+                         (3, cfg.num_heads, cfg.head_dim), cfg.param_dtype)
+    q = jnp.einsum("btd,dnh->btnh", jnp.broadcast_to(probe, (x.shape[0], 1, d)), in_proj[:, 0]) + in_bias[0]
+    k = jnp.einsum("bsd,dnh->bsnh", x, in_proj[:, 1]) + in_bias[1]
+    v = jnp.einsum("bsd,dnh->bsnh", x, in_proj[:, 2]) + in_bias[2]
+    out = c.dot_product_attention(q, k, v, mask=None)
+    h = nn.DenseGeneral(d, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="out_proj",
+                        kernel_init=c.param_axes(c.dense_init(), (c.HEADS, c.HEAD_DIM, c.EMBED)),
+                        bias_init=c.param_axes(nn.initializers.zeros, (c.EMBED,)))(out)
+    h = h + VisionMLP(cfg, name="mlp")(_layer_norm(cfg, "layernorm")(h))
+    return h[:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockHook:
+  """A function called inside every block, between attention and MLP.
+
+  `fn(layer, state) -> state` where state is a dict with at least
+  `x` float[B, T, D] (hidden states after attention), `metric` float[B, T, H]
+  (the block's head-mean keys) and `size` float[B, T] (patches per token);
+  it may change T and carry its own entries (they come back in the aux dict
+  under `vision/hook/<name>`). When it sets `proportional=True`, later blocks
+  add log(size) to every attention logit (ToMe's proportional attention).
+  """
+  fn: Callable[[int, dict], dict]
+
+
+class VisionTower(nn.Module):
+  """Image -> features of the chosen layer(s), with optional extras."""
+  config: VisionConfig
+
+  def setup(self):
+    cfg = self.config
+    p, d = cfg.patch_size, cfg.hidden_size
+    self.patch_embedding = nn.Conv(
+        d, (p, p), strides=(p, p), padding="VALID", use_bias=cfg.kind == "siglip", dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, name="patch_embedding",
+        kernel_init=c.param_axes(c.dense_init(), (c.PATCH, c.PATCH, c.CHANNELS, c.EMBED)),
+        bias_init=c.param_axes(nn.initializers.zeros, (c.EMBED,)))
+    self.position_embedding = self.param(
+        "position_embedding", c.param_axes(c.dense_init(), (c.POSITIONS, c.EMBED)),
+        (cfg.num_tokens, d), cfg.param_dtype)
+    if cfg.has_cls:
+      self.class_embedding = self.param("class_embedding", c.param_axes(c.dense_init(), (c.EMBED,)), (d,),
+                                        cfg.param_dtype)
+      self.pre_layrnorm = _layer_norm(cfg, "pre_layrnorm")
+    self.layers = [VisionBlock(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    self.post_layernorm = _layer_norm(cfg, "post_layernorm")
+    if cfg.use_head:
+      self.head = AttentionPoolingHead(cfg, name="head")
+
+  def embed(self, pixels: Array) -> Array:
+    """float[B, S, S, C] -> float[B, T, D] (class token first for CLIP)."""
+    cfg = self.config
+    check_pixels(cfg, pixels)
+    x = self.patch_embedding(pixels.astype(cfg.dtype))  # [B, S, S, C] -> [B, g, g, D]
+    b = x.shape[0]
+    x = x.reshape(b, cfg.num_patches, cfg.hidden_size)  # [B, g, g, D] -> [B, P, D]
+    if cfg.has_cls:
+      cls = jnp.broadcast_to(self.class_embedding.astype(x.dtype), (b, 1, cfg.hidden_size))
+      x = jnp.concatenate([cls, x], axis=1)  # [B, 1 + P, D]
+    x = x + self.position_embedding.astype(x.dtype)[None]
+    if cfg.has_cls:
+      x = self.pre_layrnorm(x)
+    return x
+
+  def block_qk(self, layer: int, x: Array) -> tuple[Array, Array]:
+    """q, k (float[B, T, N, H]) of block `layer` applied to hidden states x."""
+    return self.layers[layer].qk(x)
+
+  def pooled(self, x: Array) -> Array:
+    """Pooled output of the last hidden states: CLIP's class token, SigLIP's head."""
+    if self.config.has_cls:
+      return self.post_layernorm(x[:, 0])
+    return self.head(self.post_layernorm(x))
+
+  def __call__(self, pixels: Array, *, extras: frozenset = frozenset(),
+               hook: BlockHook | None = None) -> tuple[Array, dict[str, Any]]:
+    """Runs the tower up to the feature layer.
+
+    Args:
+      pixels: float[B, S, S, C], normalised (see `preprocess`).
+      extras: pairs (name, layer) to compute, name in EXTRA_NAMES, layer an
+        absolute block index or negative relative to the blocks run (-1 = the
+        block that produces the (last) feature layer). `qk` may also name the
+        block right after the features (`layers_run`), applied to them.
+          cls_attn: float32[B, N, T] the class token's attention row, per head.
+          keys: float[B, T, H] head-mean keys.
+          received_attn: float32[B, T] attention each token receives, mean over
+            heads and query rows.
+          qk: (q, k) float[B, T, N, H].
+      hook: optional `BlockHook` (token merging inside blocks).
+    Returns:
+      (features float[B, P(+1), D * len(feature_layers)], aux) with aux keys
+      `vision/<name>/<layer>`, `vision/size` float[B, T] when a hook ran, and
+      the hook's own entries under `vision/hook/...`.
+    """
+    cfg = self.config
+    run = cfg.layers_run
+    wanted = {}
+    for name, layer in extras:
+      if name not in EXTRA_NAMES:
+        raise ValueError(f"unknown vision extra {name!r}; known: {', '.join(EXTRA_NAMES)}")
+      if name == "cls_attn" and not cfg.has_cls:
+        raise ValueError("cls_attn was requested but a SigLIP tower has no class token; "
+                         "use 'received_attn' (the attention each token receives) instead")
+      absolute = layer if layer >= 0 else run + layer
+      limit = min(run, cfg.num_layers - 1) if name == "qk" else run - 1
+      if not 0 <= absolute <= limit:
+        raise ValueError(f"extra {name!r} at layer {layer}: only blocks 0..{limit} are available "
+                         f"(the tower runs {run} blocks for feature layers {cfg.feature_layers})")
+      wanted.setdefault(absolute, set()).add(name)
+
+    x = self.embed(pixels)
+    aux: dict[str, Any] = {}
+    hidden = {0: x}
+    state = {"size": None, "proportional": False}
+    # During init every block (and the head) is created so checkpoints fill all parameters.
+    n_blocks = cfg.num_layers if self.is_initializing() else run
+    for i in range(n_blocks):
+      block = self.layers[i]
+      bias = None
+      if state["proportional"] and state["size"] is not None:
+        bias = jnp.log(state["size"])
+      x, q, k = block.attend(x, bias)
+      self._record(aux, i, wanted.get(i, ()), q, k)
+      if hook is not None:
+        size = state["size"] if state["size"] is not None else jnp.ones(x.shape[:2], jnp.float32)
+        state = hook.fn(i, {**state, "x": x, "metric": k.mean(axis=2), "size": size})
+        x = state["x"]
+      x = block.feed_forward(x)
+      hidden[i + 1] = x
+    if run in wanted:  # q/k of the block after the features, applied to them
+      self._record(aux, run, wanted[run], *self.block_qk(run, x))
+    if self.is_initializing():
+      self.pooled(x)
+
+    feats = [hidden[i] for i in cfg.feature_indices]
+    if cfg.has_cls and not cfg.keep_cls:
+      feats = [f[:, 1:] for f in feats]
+    if hook is not None:
+      aux["vision/size"] = state["size"]
+      for key, value in state.items():
+        if key not in ("x", "metric", "size", "proportional"):
+          aux[f"vision/hook/{key}"] = value
+    return jnp.concatenate(feats, axis=-1), aux
+
+  def _record(self, aux: dict, layer: int, names, q: Array, k: Array) -> None:
+    for name in names:
+      key = f"vision/{name}/{layer}"
+      if name == "qk":
+        aux[key] = (q, k)
+      elif name == "keys":
+        aux[key] = k.mean(axis=2)
+      elif name == "cls_attn":
+        logits = c.attention_logits(q[:, :1], k)  # [B, N, 1, T]
+        aux[key] = c.masked_softmax(logits, None)[:, :, 0]
+      elif name == "received_attn":
+        probs = c.masked_softmax(c.attention_logits(q, k), None)  # [B, N, T, T]
+        aux[key] = probs.mean(axis=(1, 2))
+
+
+def check_pixels(config: VisionConfig, pixels) -> None:
+  """Raises ValueError unless pixels is [B, S, S, C] for this tower."""
+  want = (config.image_size, config.image_size, config.num_channels)
+  if len(pixels.shape) != 4 or tuple(pixels.shape[1:]) != want:
+    raise ValueError(f"pixels must be float[B, {want[0]}, {want[1]}, {want[2]}] (channels last) for this "
+                     f"tower, got shape {tuple(pixels.shape)}; resize with vtr_jax.models.vit.preprocess")
+
+
+def preprocess(images, config: VisionConfig) -> Array:
+  """uint8[B, h, w, C] (any size) -> normalised float32[B, S, S, C].
+
+  Resizes with bilinear interpolation (antialiased) to the tower's input
+  size, scales to [0, 1] and normalises with the tower's mean and std.
+  """
+  images = jnp.asarray(images)
+  if images.ndim == 3:
+    images = images[None]
+  if images.ndim != 4 or images.shape[-1] != config.num_channels:
+    raise ValueError(f"images must be [B, h, w, {config.num_channels}] (channels last), "
+                     f"got shape {tuple(images.shape)}")
+  x = images.astype(jnp.float32)
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    x = x / 255.0
+  s = config.image_size
+  if x.shape[1:3] != (s, s):
+    x = jax.image.resize(x, (x.shape[0], s, s, x.shape[-1]), method="bilinear", antialias=True)
+  mean = jnp.asarray(config.image_mean, jnp.float32)
+  std = jnp.asarray(config.image_std, jnp.float32)
+  return (x - mean) / std

@@ -1,0 +1,264 @@
+"""LLaVA-style vision-language model: tower -> projector -> decoder.
+
+Prompts are left-padded token arrays with exactly one image placeholder per
+sample (`image_token_id`); the model replaces that one slot with the visual
+tokens (however many a reduction plan keeps), so the text never depends on
+the number of visual tokens. Seams, each returning `(result, aux)`:
+
+  encode_image   pixels -> projected visual `Tokens`   (vision/embed stages)
+  prefill        pixels + prompt -> logits, KV cache    (llm stage inside)
+  decode_step    one token per sample with the cache
+
+`generate` drives prefill + decode under one `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vtr_jax.models import common as c
+from vtr_jax.models.decoder import Decoder, DecoderConfig, KVCache
+from vtr_jax.models.projector import Projector
+from vtr_jax.models.vit import VisionConfig, VisionTower, check_pixels
+from vtr_jax.reduce.tokens import Tokens
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+  """A whole model.
+
+  Attributes:
+    vision, text: the tower's and the decoder's geometry.
+    projector: `mlp2x_gelu` or `linear`.
+    image_token_id: the placeholder id in prompts (one per sample).
+    pad_token_id: id used to fill padding and finished sequences.
+    eos_token_ids: generation stops for a sample after any of these.
+  """
+  vision: VisionConfig = VisionConfig()
+  text: DecoderConfig = DecoderConfig()
+  projector: str = "mlp2x_gelu"
+  image_token_id: int = 32000
+  pad_token_id: int = 0
+  eos_token_ids: tuple[int, ...] = (2,)
+  name: str = "llava"
+
+  @property
+  def num_image_tokens(self) -> int:
+    return self.vision.num_features
+
+
+class PromptLayout(NamedTuple):
+  """Where things sit in the assembled LLM input (all [B, T'])."""
+  x: Array          # float[B, T', D]
+  positions: Array  # int32[B, T']
+  valid: Array      # bool[B, T']
+  visual: Array     # bool[B, T'] the slot holds a visual token
+  image_start: Array  # int32[B] first visual slot
+
+
+def assemble(text_x: Array, text_valid: Array, image_slot: Array, vis: Tokens, *,
+             keep_positions: bool, num_original: int) -> PromptLayout:
+  """Replaces each sample's placeholder slot with its K visual tokens.
+
+  Args:
+    text_x: float[B, T, D] prompt embeddings (placeholder included).
+    text_valid: bool[B, T].
+    image_slot: int32[B] index of the placeholder.
+    vis: K visual tokens (`Tokens`).
+    keep_positions: True: visual tokens take position ids from their original
+      patch index and the text after the image continues after all
+      `num_original` image positions (gaps remain); False: contiguous ids over
+      the valid tokens.
+    num_original: visual tokens before any reduction (the image's width in
+      positions under `keep_positions`).
+  Returns:
+    the layout of the T - 1 + K slot sequence.
+  """
+  b, t, d = text_x.shape
+  k = vis.count
+  out_len = t - 1 + k
+  j = jnp.arange(out_len)[None, :]  # [1, T']
+  p = image_slot[:, None]  # [B, 1]
+  is_vis = (j >= p) & (j < p + k)
+  text_idx = jnp.clip(jnp.where(j < p, j, j - k + 1), 0, t - 1)
+  vis_idx = jnp.clip(j - p, 0, k - 1)
+  take = lambda arr, idx: jnp.take_along_axis(arr, idx.reshape(idx.shape + (1,) * (arr.ndim - 2)), axis=1)
+  x = jnp.where(is_vis[..., None], take(vis.x.astype(text_x.dtype), vis_idx), take(text_x, text_idx))
+  valid = jnp.where(is_vis, take(vis.valid, vis_idx), take(text_valid, text_idx))
+  if keep_positions:
+    before = jnp.sum(text_valid & (jnp.arange(t)[None] < p), axis=1, keepdims=True)  # [B, 1]
+    prefix_pos = jnp.cumsum(valid & (j < p), axis=1) - 1
+    first_vis = jnp.min(jnp.where(vis.valid, vis.positions, np.iinfo(np.int32).max), axis=1, keepdims=True)
+    offset = jnp.minimum(first_vis, 0)  # a kept class token sits at -1
+    vis_pos = before + take(vis.positions, vis_idx) - offset
+    suffix_pos = before + num_original + jnp.cumsum(valid & (j >= p + k), axis=1) - 1
+    positions = jnp.where(j < p, prefix_pos, jnp.where(is_vis, vis_pos, suffix_pos))
+  else:
+    positions = jnp.cumsum(valid, axis=1) - 1
+  positions = jnp.where(valid, jnp.maximum(positions, 0), 0).astype(jnp.int32)
+  return PromptLayout(x, positions, valid, is_vis, image_slot.astype(jnp.int32))
+
+
+class VLM(nn.Module):
+  """LLaVA-style VLM; use functionally: `VLM(cfg).apply(params, ..., method=...)`."""
+  config: VLMConfig
+
+  def setup(self):
+    cfg = self.config
+    self.vision = VisionTower(cfg.vision, name="vision")
+    self.projector = Projector(cfg.projector, cfg.text.hidden_size, cfg.text.dtype, cfg.text.param_dtype,
+                               name="projector")
+    self.decoder = Decoder(cfg.text, name="decoder")
+
+  def encode_image(self, pixels: Array) -> tuple[Tokens, dict[str, Any]]:
+    """float[B, S, S, C] -> projected visual tokens (float[B, N, D]) and aux."""
+    feats, aux = self.vision(pixels)
+    first = -1 if (self.config.vision.has_cls and self.config.vision.keep_cls) else 0
+    tokens = Tokens.full(self.projector(feats), first_position=first)
+    return tokens, aux
+
+  def prefill(self, pixels: Array, tokens: Array, valid: Array, *, cache_extra: int | None = None,
+              last_only: bool = False) -> tuple[Array, KVCache | None, dict[str, Any]]:
+    """Image + prompt through the decoder.
+
+    Args:
+      pixels: float[B, S, S, C] normalised images.
+      tokens: int32[B, T] left-padded prompts, one image placeholder each.
+      valid: bool[B, T] False on padding.
+      cache_extra: free KV slots per layer for decoding (None: no cache).
+      last_only: logits of the last slot only (float32[B, V]).
+    Returns:
+      (logits float32[B, T', V] or [B, V], cache, aux). T' = T - 1 + visual
+      tokens kept; aux holds `prompt/visual`, `prompt/valid`, `prompt/positions`.
+    """
+    vis, aux = self.encode_image(pixels)
+    layout = self.layout(tokens, valid, vis, keep_positions=False)
+    logits, cache, state = self.decoder.prefill(layout.x, layout.positions, layout.valid,
+                                                cache_extra=cache_extra, last_only=last_only)
+    aux.update({"prompt/visual": layout.visual, "prompt/valid": layout.valid,
+                "prompt/positions": layout.positions})
+    return logits, cache, aux
+
+  def layout(self, tokens: Array, valid: Array, vis: Tokens, *, keep_positions: bool) -> PromptLayout:
+    image_slot = jnp.argmax(tokens == self.config.image_token_id, axis=1)
+    return assemble(self.decoder.embed(tokens), valid, image_slot, vis, keep_positions=keep_positions,
+                    num_original=self.config.num_image_tokens)
+
+  def decode_step(self, tokens: Array, cache: KVCache) -> tuple[Array, KVCache]:
+    """int32[B] -> (logits float32[B, V], cache)."""
+    return self.decoder.decode_step(tokens, cache)
+
+  def __call__(self, pixels: Array, tokens: Array, valid: Array) -> Array:
+    """Full-sequence logits (training / init): float32[B, T', V]."""
+    logits, _, _ = self.prefill(pixels, tokens, valid)
+    return logits
+
+
+def check_prompts(tokens, valid, image_token_id: int) -> None:
+  """Host-side validation of a prompt batch (raises ValueError naming values)."""
+  tokens = np.asarray(tokens)
+  valid = np.asarray(valid)
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be int[B, T], got shape {tokens.shape}")
+  if valid.shape != tokens.shape:
+    raise ValueError(f"valid has shape {valid.shape}, tokens {tokens.shape}; they must match")
+  counts = np.sum((tokens == image_token_id) & valid.astype(bool), axis=1)
+  bad = np.nonzero(counts != 1)[0]
+  if bad.size:
+    i = int(bad[0])
+    raise ValueError(f"each prompt needs exactly one image placeholder (id {image_token_id}); "
+                     f"sample {i} has {int(counts[i])} (samples with the wrong count: {bad.tolist()})")
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token lists: -> (int32[B, T], bool[B, T])."""
+  longest = max(len(p) for p in prompts)
+  length = length or longest
+  if longest > length:
+    raise ValueError(f"a prompt has {longest} tokens, more than the length {length}")
+  tokens = np.full((len(prompts), length), pad_id, np.int32)
+  valid = np.zeros((len(prompts), length), bool)
+  for i, p in enumerate(prompts):
+    if len(p):
+      tokens[i, length - len(p):] = p
+      valid[i, length - len(p):] = True
+  return tokens, valid
+
+
+class Generation(NamedTuple):
+  tokens: Array  # int32[B, L] generated ids (pad after a sample's EOS)
+  logits: Array | None  # float32[B, L, V] logits that produced each token
+  done: Array  # bool[B] the sample emitted EOS
+
+
+def generate(model: VLM, params, pixels: Array, tokens: Array, valid: Array, *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, rng: Array | None = None,
+             return_logits: bool = False) -> Generation:
+  """Greedy (temperature 0) or sampled decoding with the KV cache.
+
+  Args:
+    model: the `VLM`; params: its parameters.
+    pixels: float[B, S, S, C]; tokens, valid: left-padded prompts.
+    max_new_tokens: tokens to produce per sample (static).
+    temperature, top_k: sampling controls (top_k 0 = no truncation).
+    rng: PRNG key, required when temperature > 0.
+  """
+  cfg = model.config
+  if not isinstance(tokens, jax.core.Tracer):
+    check_prompts(tokens, valid, cfg.image_token_id)
+  check_pixels(cfg.vision, pixels)
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if temperature > 0 and rng is None:
+    raise ValueError("sampling (temperature > 0) needs an rng key")
+  rng = jax.random.key(0) if rng is None else rng
+  return _generate(model, params, pixels, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), rng,
+                   max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+                   return_logits=return_logits)
+
+
+def _pick(logits: Array, rng: Array, temperature: float, top_k: int) -> Array:
+  if temperature <= 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k",
+                                             "return_logits"))
+def _generate(model: VLM, params, pixels, tokens, valid, rng, *, max_new_tokens: int, temperature: float,
+              top_k: int, return_logits: bool) -> Generation:
+  cfg = model.config
+  logits, cache, _ = model.apply(params, pixels, tokens, valid, cache_extra=max_new_tokens - 1,
+                                 last_only=True, method=VLM.prefill)
+  eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
+  rngs = jax.random.split(rng, max_new_tokens)
+  first = _pick(logits, rngs[0], temperature, top_k)
+  done = jnp.isin(first, eos)
+
+  def step(carry, key):
+    token, cache, done = carry
+    logits, cache = model.apply(params, token, cache, method=VLM.decode_step)
+    nxt = _pick(logits, key, temperature, top_k)
+    nxt = jnp.where(done, cfg.pad_token_id, nxt)
+    out = (nxt, logits if return_logits else None)
+    return (nxt, cache, done | jnp.isin(nxt, eos)), out
+
+  (_, _, done), (rest, rest_logits) = jax.lax.scan(step, (first, cache, done), rngs[1:])
+  out_tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
+  out_logits = None
+  if return_logits:
+    out_logits = jnp.concatenate([logits[:, None], jnp.swapaxes(rest_logits, 0, 1)], axis=1)
+  return Generation(out_tokens, out_logits, done)
