@@ -313,8 +313,10 @@ class VisionTower(nn.Module):
       hook: optional `BlockHook` (token merging inside blocks).
     Returns:
       (features float[B, P(+1), D * len(feature_layers)], aux) with aux keys
-      `vision/<name>/<layer>`, `vision/size` float[B, T] when a hook ran, and
-      the hook's own entries under `vision/hook/...`.
+      `vision/<name>/<layer>`, `vision/cls_feature` float[B, D * layers] (the
+      class token's features, towers with one), `vision/size` float[B, T] when
+      a hook ran, and the hook's own entries under `vision/hook/...` (tower
+      token indexing: the class token, if any, first).
     """
     cfg = self.config
     run = cfg.layers_run
@@ -357,8 +359,13 @@ class VisionTower(nn.Module):
       self.pooled(x)
 
     feats = [hidden[i] for i in cfg.feature_indices]
-    if cfg.has_cls and not cfg.keep_cls:
-      feats = [f[:, 1:] for f in feats]
+    if hook is not None and len({f.shape[1] for f in feats}) > 1:
+      raise ValueError(f"feature layers {cfg.feature_layers} hold different token counts after in-block "
+                       "merging; use a single feature layer with a merging method")
+    if cfg.has_cls:
+      aux["vision/cls_feature"] = jnp.concatenate([f[:, 0] for f in feats], axis=-1)
+      if not cfg.keep_cls:
+        feats = [f[:, 1:] for f in feats]
     if hook is not None:
       aux["vision/size"] = state["size"]
       for key, value in state.items():

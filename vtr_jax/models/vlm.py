@@ -24,9 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from vtr_jax.models import common as c
-from vtr_jax.models.decoder import Decoder, DecoderConfig, KVCache
+from vtr_jax.models.decoder import BoundaryHook, Decoder, DecoderConfig, KVCache
 from vtr_jax.models.projector import Projector
 from vtr_jax.models.vit import VisionConfig, VisionTower, check_pixels
+from vtr_jax.reduce.api import Context, Plan, parse
+from vtr_jax.reduce.primitives import fingerprint
 from vtr_jax.reduce.tokens import Tokens
 
 Array = jax.Array
@@ -119,33 +121,89 @@ class VLM(nn.Module):
                                name="projector")
     self.decoder = Decoder(cfg.text, name="decoder")
 
-  def encode_image(self, pixels: Array) -> tuple[Tokens, dict[str, Any]]:
-    """float[B, S, S, C] -> projected visual tokens (float[B, N, D]) and aux."""
-    feats, aux = self.vision(pixels)
-    first = -1 if (self.config.vision.has_cls and self.config.vision.keep_cls) else 0
-    tokens = Tokens.full(self.projector(feats), first_position=first)
+  def encode_image(self, pixels: Array, *, reduction: str | Plan | None = None,
+                   text: tuple[Array, Array, Array] | None = None) -> tuple[Tokens, dict[str, Any]]:
+    """Pixels -> projected visual tokens, after the plan's vision and embed stages.
+
+    Args:
+      pixels: float[B, S, S, C] normalised images.
+      reduction: a `Plan` or config string (only its vision/embed stages run).
+      text: (prompt embeddings float[B, T, D], valid bool[B, T], placeholder
+        slot int32[B]) for text-aware embed-stage methods.
+    Returns:
+      (Tokens with x float[B, K, D], aux). aux adds `reduce/<method>/...`
+      entries and `reduce/positions` int32[B, K] (which original patch each
+      surviving token stands for; -1 = class token).
+    """
+    cfg = self.config
+    vcfg = cfg.vision
+    plan = parse(reduction)
+    vision_methods, embed_methods = plan.at("vision"), plan.at("embed")
+    extras = frozenset().union(*(m.vision_extras(vcfg) for m in vision_methods + embed_methods))
+    hook = next((h for h in (m.block_hook(vcfg) for m in vision_methods) if h is not None), None)
+    feats, aux = self.vision(pixels, extras=extras, hook=hook)
+    n_cls = int(vcfg.has_cls)
+    b, t = feats.shape[:2]
+    if hook is not None and "vision/hook/positions" in aux:
+      positions = aux["vision/hook/positions"] - n_cls  # tower indices -> patch indices (class token -1)
+      size = aux["vision/size"]
+      if vcfg.has_cls and not vcfg.keep_cls:
+        positions, size = positions[:, 1:], size[:, 1:]
+    else:
+      first = -1 if (vcfg.has_cls and vcfg.keep_cls) else 0
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + first, (b, t))
+      size = jnp.ones((b, t), jnp.float32)
+    tokens = Tokens(feats, positions.astype(jnp.int32), jnp.ones((b, t), bool), size.astype(jnp.float32))
+    cls = None
+    if vcfg.has_cls and vcfg.keep_cls:  # the class token is not a patch: methods never see or drop it
+      cls, tokens = _split_first(tokens)
+    text_x, text_valid, image_slot = text if text is not None else (None, None, None)
+    ctx = Context(vcfg, aux, text_x, text_valid, image_slot, fingerprint(pixels))
+    for m in vision_methods:
+      tokens, method_aux = m.reduce(tokens, ctx)
+      aux.update({f"reduce/{m.name}/{k}": v for k, v in method_aux.items()})
+    tokens = tokens.replace(x=self.projector(tokens.x))
+    if cls is not None:
+      cls = cls.replace(x=self.projector(cls.x))
+    for m in embed_methods:
+      tokens, method_aux = m.reduce(tokens, ctx)
+      aux.update({f"reduce/{m.name}/{k}": v for k, v in method_aux.items()})
+    if cls is not None:
+      tokens = jax.tree_util.tree_map(lambda a, c: jnp.concatenate([a, c], axis=1), cls, tokens)
+    aux["reduce/positions"] = tokens.positions
+    aux["reduce/valid"] = tokens.valid
     return tokens, aux
 
-  def prefill(self, pixels: Array, tokens: Array, valid: Array, *, cache_extra: int | None = None,
-              last_only: bool = False) -> tuple[Array, KVCache | None, dict[str, Any]]:
-    """Image + prompt through the decoder.
+  def prefill(self, pixels: Array, tokens: Array, valid: Array, *, reduction: str | Plan | None = None,
+              cache_extra: int | None = None, last_only: bool = False
+              ) -> tuple[Array, KVCache | None, dict[str, Any]]:
+    """Image + prompt through the decoder, with an optional reduction plan.
 
     Args:
       pixels: float[B, S, S, C] normalised images.
       tokens: int32[B, T] left-padded prompts, one image placeholder each.
       valid: bool[B, T] False on padding.
+      reduction: a `Plan` or config string such as "visionzip:keep=64".
       cache_extra: free KV slots per layer for decoding (None: no cache).
       last_only: logits of the last slot only (float32[B, V]).
     Returns:
       (logits float32[B, T', V] or [B, V], cache, aux). T' = T - 1 + visual
-      tokens kept; aux holds `prompt/visual`, `prompt/valid`, `prompt/positions`.
+      tokens kept (fewer after in-LLM reduction); aux holds `prompt/visual`,
+      `prompt/valid`, `prompt/positions` of the decoder input and the methods'
+      entries.
     """
-    vis, aux = self.encode_image(pixels)
-    layout = self.layout(tokens, valid, vis, keep_positions=False)
-    logits, cache, state = self.decoder.prefill(layout.x, layout.positions, layout.valid,
-                                                cache_extra=cache_extra, last_only=last_only)
+    plan = parse(reduction)
+    text_x = self.decoder.embed(tokens)
+    image_slot = jnp.argmax(tokens == self.config.image_token_id, axis=1).astype(jnp.int32)
+    vis, aux = self.encode_image(pixels, reduction=plan, text=(text_x, valid, image_slot))
+    layout = assemble(text_x, valid, image_slot, vis, keep_positions=plan.keep_positions,
+                      num_original=self.config.num_image_tokens)
     aux.update({"prompt/visual": layout.visual, "prompt/valid": layout.valid,
                 "prompt/positions": layout.positions})
+    logits, cache, state = self.decoder.prefill(
+        layout.x, layout.positions, layout.valid, cache_extra=cache_extra, last_only=last_only,
+        hook=llm_hook(plan, self.config.text), state_extras={"visual": layout.visual})
+    aux.update({f"llm/{k}": v for k, v in state.items() if k != "x"})
     return logits, cache, aux
 
   def layout(self, tokens: Array, valid: Array, vis: Tokens, *, keep_positions: bool) -> PromptLayout:
@@ -157,10 +215,31 @@ class VLM(nn.Module):
     """int32[B] -> (logits float32[B, V], cache)."""
     return self.decoder.decode_step(tokens, cache)
 
-  def __call__(self, pixels: Array, tokens: Array, valid: Array) -> Array:
+  def __call__(self, pixels: Array, tokens: Array, valid: Array, *,
+               reduction: str | Plan | None = None) -> Array:
     """Full-sequence logits (training / init): float32[B, T', V]."""
-    logits, _, _ = self.prefill(pixels, tokens, valid)
+    logits, _, _ = self.prefill(pixels, tokens, valid, reduction=reduction)
     return logits
+
+
+def _split_first(tokens: Tokens) -> tuple[Tokens, Tokens]:
+  head = jax.tree_util.tree_map(lambda a: a[:, :1], tokens)
+  rest = jax.tree_util.tree_map(lambda a: a[:, 1:], tokens)
+  return head, rest
+
+
+def llm_hook(plan: Plan, text: DecoderConfig) -> BoundaryHook | None:
+  """The plan's llm-stage methods chained into one boundary hook (None if there are none)."""
+  fns = [f for f in (m.llm_hook(text) for m in plan.at("llm")) if f is not None]
+  if not fns:
+    return None
+
+  def run(layer, state, access):
+    for fn in fns:
+      state = fn(layer, state, access)
+    return state
+
+  return BoundaryHook(run)
 
 
 def check_prompts(tokens, valid, image_token_id: int) -> None:
@@ -201,14 +280,15 @@ class Generation(NamedTuple):
 
 
 def generate(model: VLM, params, pixels: Array, tokens: Array, valid: Array, *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0, rng: Array | None = None,
-             return_logits: bool = False) -> Generation:
+             reduction: str | Plan | None = None, temperature: float = 0.0, top_k: int = 0,
+             rng: Array | None = None, return_logits: bool = False) -> Generation:
   """Greedy (temperature 0) or sampled decoding with the KV cache.
 
   Args:
     model: the `VLM`; params: its parameters.
     pixels: float[B, S, S, C]; tokens, valid: left-padded prompts.
     max_new_tokens: tokens to produce per sample (static).
+    reduction: a `Plan` or config string ("fastv:layer=2,keep=64").
     temperature, top_k: sampling controls (top_k 0 = no truncation).
     rng: PRNG key, required when temperature > 0.
   """
@@ -222,7 +302,7 @@ def generate(model: VLM, params, pixels: Array, tokens: Array, valid: Array, *, 
     raise ValueError("sampling (temperature > 0) needs an rng key")
   rng = jax.random.key(0) if rng is None else rng
   return _generate(model, params, pixels, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), rng,
-                   max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+                   max_new_tokens=max_new_tokens, reduction=parse(reduction), temperature=float(temperature), top_k=int(top_k),
                    return_logits=return_logits)
 
 
@@ -236,13 +316,13 @@ def _pick(logits: Array, rng: Array, temperature: float, top_k: int) -> Array:
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k",
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "reduction", "temperature", "top_k",
                                              "return_logits"))
-def _generate(model: VLM, params, pixels, tokens, valid, rng, *, max_new_tokens: int, temperature: float,
-              top_k: int, return_logits: bool) -> Generation:
+def _generate(model: VLM, params, pixels, tokens, valid, rng, *, max_new_tokens: int, reduction: Plan,
+              temperature: float, top_k: int, return_logits: bool) -> Generation:
   cfg = model.config
-  logits, cache, _ = model.apply(params, pixels, tokens, valid, cache_extra=max_new_tokens - 1,
-                                 last_only=True, method=VLM.prefill)
+  logits, cache, _ = model.apply(params, pixels, tokens, valid, reduction=reduction,
+                                 cache_extra=max_new_tokens - 1, last_only=True, method=VLM.prefill)
   eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
   rngs = jax.random.split(rng, max_new_tokens)
   first = _pick(logits, rngs[0], temperature, top_k)
