@@ -237,11 +237,14 @@ class BlockHook:
   """A function called inside every block, between attention and MLP.
 
   `fn(layer, state) -> state` where state is a dict with at least
-  `x` float[B, T, D] (hidden states after attention), `metric` float[B, T, H]
-  (the block's head-mean keys) and `size` float[B, T] (patches per token);
-  it may change T and carry its own entries (they come back in the aux dict
-  under `vision/hook/<name>`). When it sets `proportional=True`, later blocks
-  add log(size) to every attention logit (ToMe's proportional attention).
+  `x` float[B, T, D] (hidden states after attention), `q`, `k`
+  float[B, T, N, H] (the block's projections), `metric` float[B, T, H] (its
+  head-mean keys) and `size` float[B, T] (patches per token); it may change T
+  and carry its own entries (they come back in the aux dict under
+  `vision/hook/<name>`; `positions` int32[B, T], the tower index of the token
+  each one stands for, class token at 0, becomes the tokens' positions). When
+  it sets `proportional=True`, later blocks add log(size) to every attention
+  logit (ToMe's proportional attention).
   """
   fn: Callable[[int, dict], dict]
 
@@ -349,7 +352,7 @@ class VisionTower(nn.Module):
       self._record(aux, i, wanted.get(i, ()), q, k)
       if hook is not None:
         size = state["size"] if state["size"] is not None else jnp.ones(x.shape[:2], jnp.float32)
-        state = hook.fn(i, {**state, "x": x, "metric": k.mean(axis=2), "size": size})
+        state = dict(hook.fn(i, {**state, "x": x, "q": q, "k": k, "metric": k.mean(axis=2), "size": size}))
         x = state["x"]
       x = block.feed_forward(x)
       hidden[i + 1] = x
@@ -369,7 +372,7 @@ class VisionTower(nn.Module):
     if hook is not None:
       aux["vision/size"] = state["size"]
       for key, value in state.items():
-        if key not in ("x", "metric", "size", "proportional"):
+        if key not in ("x", "q", "k", "metric", "size", "proportional"):
           aux[f"vision/hook/{key}"] = value
     return jnp.concatenate(feats, axis=-1), aux
 
