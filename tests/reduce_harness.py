@@ -114,7 +114,7 @@ def check_no_nan_on_degenerate(spec: str, kind: str = "clip"):
   toks, valid = pad_prompts(prompts, 0)
   for pixels in (np.full((2, 8 * GRID, 8 * GRID, 3), 0.3, np.float32), np.zeros((2, 8 * GRID, 8 * GRID, 3),
                                                                                 np.float32)):
-    logits, _, aux = model.apply(params, pixels, toks, valid, reduction=spec, method=VLM.prefill)
+    logits, _, aux = _prefill(model, params, pixels, toks, valid, spec)
     assert np.all(np.isfinite(np.asarray(logits))), f"{spec}: non-finite logits on a degenerate image"
     pos = np.asarray(aux["reduce/positions"])
     kept = np.asarray(aux["reduce/valid"])

@@ -78,11 +78,16 @@ class LayerCache:
     k, v: float[B, S, K, H]; slot order is sequence order.
     valid: bool[B, S] slots holding a real token.
     end: int32[] slots filled so far (the next write goes to slot `end`).
+    next_position: int32[B] the RoPE position the next token takes *in this
+      layer*: one more than the largest position the layer saw. Methods that
+      re-number positions mid-network make it differ between layers, so a
+      decoded token sits exactly where a re-run prefill would put it.
   """
   k: Array
   v: Array
   valid: Array
   end: Array
+  next_position: Array
 
   @property
   def length(self) -> int:
@@ -91,9 +96,8 @@ class LayerCache:
 
 @flax.struct.dataclass
 class KVCache:
-  """Per-layer caches plus the position id the next token takes, int32[B]."""
+  """One `LayerCache` per decoder layer."""
   layers: tuple[LayerCache, ...]
-  next_position: Array
 
 
 def rope(x: Array, positions: Array, theta: float) -> Array:
@@ -173,7 +177,7 @@ class DecoderAttention(nn.Module):
     new_v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache.end, axis=1)
     new_valid = jax.lax.dynamic_update_slice_in_dim(
         cache.valid, jnp.ones((x.shape[0], t), bool), cache.end, axis=1)
-    cache = LayerCache(new_k, new_v, new_valid, cache.end + t)
+    cache = LayerCache(new_k, new_v, new_valid, cache.end + t, cache.next_position + t)
     out = c.dot_product_attention(q, new_k, new_v, mask)
     return self.o_proj(out), k, v, cache
 
@@ -304,30 +308,27 @@ class Decoder(nn.Module):
       x, k, v, _ = layer(state["x"], state["positions"], mask)
       state["x"] = x
       if cache_extra is not None:
-        caches.append(_new_cache(k, v, state["valid"], cache_extra))
+        caches.append(_new_cache(k, v, state["valid"], state["positions"], cache_extra))
     x = state["x"]
     logits = self.logits(x[:, -1:])[:, 0] if last_only else self.logits(x)
-    cache = None
-    if cache_extra is not None:
-      pos = jnp.where(state["valid"], state["positions"], -1)
-      cache = KVCache(tuple(caches), jnp.max(pos, axis=1).astype(jnp.int32) + 1)
+    cache = KVCache(tuple(caches)) if cache_extra is not None else None
     return logits, cache, state
 
   def decode_step(self, tokens: Array, cache: KVCache) -> tuple[Array, KVCache]:
     """One token per sample: int32[B] -> (logits float32[B, V], cache)."""
     x = self.embed(tokens[:, None])  # [B, 1, D]
-    positions = cache.next_position[:, None]
     new_layers = []
     for layer, lc in zip(self.layers, cache.layers):
       slot = jnp.arange(lc.length)[None, :]
       mask = (lc.valid | (slot == lc.end))[:, None, :]  # [B, 1, S]: filled slots and the new one
-      x, _, _, lc = layer(x, positions, mask, lc)
+      x, _, _, lc = layer(x, lc.next_position[:, None], mask, lc)
       new_layers.append(lc)
     logits = self.logits(x)[:, 0]
-    return logits, KVCache(tuple(new_layers), cache.next_position + 1)
+    return logits, KVCache(tuple(new_layers))
 
 
-def _new_cache(k: Array, v: Array, valid: Array, extra: int) -> LayerCache:
+def _new_cache(k: Array, v: Array, valid: Array, positions: Array, extra: int) -> LayerCache:
   pad = ((0, 0), (0, extra), (0, 0), (0, 0))
+  next_position = jnp.max(jnp.where(valid, positions, -1), axis=1).astype(jnp.int32) + 1
   return LayerCache(jnp.pad(k, pad), jnp.pad(v, pad), jnp.pad(valid, ((0, 0), (0, extra))),
-                    jnp.asarray(k.shape[1], jnp.int32))
+                    jnp.asarray(k.shape[1], jnp.int32), next_position)

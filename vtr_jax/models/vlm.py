@@ -65,6 +65,7 @@ class PromptLayout(NamedTuple):
   valid: Array      # bool[B, T']
   visual: Array     # bool[B, T'] the slot holds a visual token
   image_start: Array  # int32[B] first visual slot
+  patch: Array      # int32[B, T'] original patch of a visual token (-1 class token), -2 for text
 
 
 def assemble(text_x: Array, text_valid: Array, image_slot: Array, vis: Tokens, *,
@@ -107,7 +108,17 @@ def assemble(text_x: Array, text_valid: Array, image_slot: Array, vis: Tokens, *
   else:
     positions = jnp.cumsum(valid, axis=1) - 1
   positions = jnp.where(valid, jnp.maximum(positions, 0), 0).astype(jnp.int32)
-  return PromptLayout(x, positions, valid, is_vis, image_slot.astype(jnp.int32))
+  patch = jnp.where(is_vis, take(vis.positions, vis_idx), -2).astype(jnp.int32)
+  return PromptLayout(x, positions, valid, is_vis, image_slot.astype(jnp.int32), patch)
+
+
+def to_slots(values: Array, image_slot: Array, k: int) -> Array:
+  """Per-token values [B, T, ...] -> per-slot [B, T - 1 + k, ...]; visual slots copy the placeholder's."""
+  t = values.shape[1]
+  j = jnp.arange(t - 1 + k)[None, :]
+  p = image_slot[:, None]
+  src = jnp.where(j < p, j, jnp.where(j < p + k, p, j - k + 1))
+  return jnp.take_along_axis(values, src.reshape(src.shape + (1,) * (values.ndim - 2)), axis=1)
 
 
 class VLM(nn.Module):
@@ -175,7 +186,7 @@ class VLM(nn.Module):
     return tokens, aux
 
   def prefill(self, pixels: Array, tokens: Array, valid: Array, *, reduction: str | Plan | None = None,
-              cache_extra: int | None = None, last_only: bool = False
+              cache_extra: int | None = None, last_only: bool = False, llm_extras: dict | None = None
               ) -> tuple[Array, KVCache | None, dict[str, Any]]:
     """Image + prompt through the decoder, with an optional reduction plan.
 
@@ -186,11 +197,16 @@ class VLM(nn.Module):
       reduction: a `Plan` or config string such as "visionzip:keep=64".
       cache_extra: free KV slots per layer for decoding (None: no cache).
       last_only: logits of the last slot only (float32[B, V]).
+      llm_extras: per-token entries (`tok/...`, [B, T] like `tokens`) for
+        in-LLM methods; visual slots take the placeholder's value. E.g.
+        `tok/prompt` (False on tokens appended after the prompt) and
+        `tok/query` (PyramidDrop's training rows).
     Returns:
       (logits float32[B, T', V] or [B, V], cache, aux). T' = T - 1 + visual
       tokens kept (fewer after in-LLM reduction); aux holds `prompt/visual`,
-      `prompt/valid`, `prompt/positions` of the decoder input and the methods'
-      entries.
+      `prompt/valid`, `prompt/positions` of the decoder input, `llm/...` the
+      final in-LLM state (`llm/valid`, `llm/visual`, `llm/tok/patch`: which
+      patches reach the last layer) and the methods' entries.
     """
     plan = parse(reduction)
     text_x = self.decoder.embed(tokens)
@@ -200,10 +216,15 @@ class VLM(nn.Module):
                       num_original=self.config.num_image_tokens)
     aux.update({"prompt/visual": layout.visual, "prompt/valid": layout.valid,
                 "prompt/positions": layout.positions})
+    extras = {"visual": layout.visual, "n_visual": vis.count, "tok/patch": layout.patch}
+    for key, value in (llm_extras or {}).items():
+      if not key.startswith("tok/"):
+        raise ValueError(f"llm_extras keys must start with 'tok/' (per-token entries), got {key!r}")
+      extras[key] = to_slots(value, image_slot, vis.count)
     logits, cache, state = self.decoder.prefill(
         layout.x, layout.positions, layout.valid, cache_extra=cache_extra, last_only=last_only,
-        hook=llm_hook(plan, self.config.text), state_extras={"visual": layout.visual})
-    aux.update({f"llm/{k}": v for k, v in state.items() if k != "x"})
+        hook=llm_hook(plan, self.config.text), state_extras=extras)
+    aux.update({f"llm/{k}": v for k, v in state.items() if k != "x" and isinstance(v, jax.Array)})
     return logits, cache, aux
 
   def layout(self, tokens: Array, valid: Array, vis: Tokens, *, keep_positions: bool) -> PromptLayout:
