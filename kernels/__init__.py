@@ -1,6 +1,14 @@
 """Pallas kernels for token scoring, each beside its pure-jnp reference (imported as vtr_jax.kernels).
 
-Public ops (dispatching kernel vs reference): `max_similarity`, `topk_similarity`, `attention_mass`.
+Public ops (dispatching kernel vs reference, see `ops.py`): `max_similarity`,
+`topk_similarity`, `attention_mass`. Kernel modules: `similarity.py` (fused
+similarity max/min + arg), `attention_mass.py` (flash-style attention mass),
+`topk.py` (reference only, with the measurement that kept it so),
+`common.py` (shared block checks and tile helpers).
+
+Note: the package attribute `attention_mass` is the op below, which shadows
+the submodule of the same name; import from the submodule explicitly
+(`from vtr_jax.kernels.attention_mass import BlockSizes`).
 """
 
 from vtr_jax.kernels.ops import attention_mass, max_similarity, topk_similarity

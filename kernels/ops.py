@@ -1,47 +1,68 @@
 """Public entry points of vtr_jax.kernels: each dispatches to a Pallas kernel or its jnp reference.
 
-`impl=None` picks automatically: the reference on CPU (XLA is faster there),
-the kernel on TPU / GPU once one exists for that op. `impl="reference"` or
-`impl="pallas"` (with `interpret=True` on CPU) force a path.
+`impl=None` picks automatically: the Pallas kernel on TPU, the reference on
+CPU (XLA is faster there) and on GPU (the kernels accumulate across a
+sequential grid axis, a Mosaic TPU pattern that GPU lowerings do not run; see
+`kernels/common.py`). `impl="reference"` or `impl="pallas"` force a path;
+`impl="pallas"` with `interpret=True` (or a `pltpu.InterpretParams`) runs the
+kernel on any backend, slowly. `block_sizes` only affects the kernel. Shapes
+and options are validated before dispatch, so both paths raise the same
+ValueErrors. `topk_similarity` has no kernel (see `kernels/topk.py` for why).
 """
 
 from __future__ import annotations
 
 import jax
 
+from vtr_jax.kernels import similarity
+from vtr_jax.kernels.attention_mass import BlockSizes as MassBlockSizes
+from vtr_jax.kernels.attention_mass import attention_mass as attention_mass_kernel
 from vtr_jax.kernels.attention_mass import attention_mass_reference
-from vtr_jax.kernels.similarity import max_similarity_reference
+from vtr_jax.kernels.attention_mass import check_shapes as check_mass_shapes
 from vtr_jax.kernels.topk import topk_similarity_reference
 
 IMPLS = ("reference", "pallas")
 
 
-def _choose(impl: str | None, has_kernel: bool) -> str:
+def choose(impl: str | None, *, has_kernel: bool, interpret) -> str:
+  """The path an op takes: `"pallas"` or `"reference"` (see the module docstring)."""
+  backend = jax.default_backend()
   if impl is None:
-    return "pallas" if has_kernel and jax.default_backend() in ("tpu", "gpu") else "reference"
+    return "pallas" if has_kernel and backend == "tpu" else "reference"
   if impl not in IMPLS:
     raise ValueError(f"unknown kernel impl {impl!r}; known: {', '.join(IMPLS)}")
-  if impl == "pallas" and not has_kernel:
-    raise ValueError("no Pallas kernel exists for this op yet; use impl='reference'")
+  if impl == "pallas":
+    if not has_kernel:
+      raise ValueError("no Pallas kernel exists for this op; use impl='reference'")
+    if not interpret and backend != "tpu":
+      raise ValueError(f"the Pallas kernels compile for TPU only, this backend is {backend!r}; "
+                       "pass interpret=True or use impl='reference'")
   return impl
 
 
 def max_similarity(x, y, *, metric: str = "cosine", mode: str = "max", x_valid=None, y_valid=None,
-                   impl: str | None = None, interpret: bool = False):
+                   impl: str | None = None, interpret=False, block_sizes: similarity.BlockSizes | None = None):
   """See `kernels/similarity.py`: (values float32[B, N], index int32[B, N])."""
-  _choose(impl, has_kernel=False)
-  return max_similarity_reference(x, y, metric=metric, mode=mode, x_valid=x_valid, y_valid=y_valid)
+  similarity.check_options(metric, mode)
+  similarity.check_shapes(x, y, x_valid, y_valid)
+  if choose(impl, has_kernel=True, interpret=interpret) == "reference":
+    return similarity.max_similarity_reference(x, y, metric=metric, mode=mode, x_valid=x_valid, y_valid=y_valid)
+  return similarity.max_similarity(x, y, metric=metric, mode=mode, x_valid=x_valid, y_valid=y_valid,
+                                   block_sizes=block_sizes or similarity.BlockSizes(), interpret=interpret)
 
 
 def topk_similarity(x, y, k: int, *, metric: str = "cosine", y_valid=None, impl: str | None = None,
-                    interpret: bool = False):
+                    interpret=False):
   """See `kernels/topk.py`: (values float32[B, N, k], index int32[B, N, k])."""
-  _choose(impl, has_kernel=False)
+  choose(impl, has_kernel=False, interpret=interpret)
   return topk_similarity_reference(x, y, k, metric=metric, y_valid=y_valid)
 
 
 def attention_mass(q, k, *, key_valid=None, row_valid=None, q_slots=None, scale=None, impl: str | None = None,
-                   interpret: bool = False):
-  """See `kernels/attention_mass.py`: float32[B, S]."""
-  _choose(impl, has_kernel=False)
-  return attention_mass_reference(q, k, key_valid=key_valid, row_valid=row_valid, q_slots=q_slots, scale=scale)
+                   interpret=False, block_sizes: MassBlockSizes | None = None):
+  """See `kernels/attention_mass.py`: float32[B, S]. On the kernel path `scale` must be a Python float."""
+  check_mass_shapes(q, k, key_valid, row_valid, q_slots)
+  if choose(impl, has_kernel=True, interpret=interpret) == "reference":
+    return attention_mass_reference(q, k, key_valid=key_valid, row_valid=row_valid, q_slots=q_slots, scale=scale)
+  return attention_mass_kernel(q, k, key_valid=key_valid, row_valid=row_valid, q_slots=q_slots, scale=scale,
+                               block_sizes=block_sizes or MassBlockSizes(), interpret=interpret)

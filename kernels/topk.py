@@ -3,9 +3,20 @@
 Used by PruMerge's key-nearest-neighbour merge and DPC-KNN densities. The
 reference materialises [B, N, M] and calls `lax.top_k`.
 
-Semantics: metric as in `similarity.py`; results in descending score order,
-ties by lowest index; invalid Y columns rank below every valid one (their
-score is the float32 minimum); k must not exceed M.
+There is no Pallas kernel: one was to be built only if it beat XLA's top_k
+over a materialised block, and nothing shows that it would. Mosaic TPU has no
+sort or top_k lowering (jax 0.10.2 lowers max/min and argmax/argmin
+reductions only), so an exact fused top-k has to pull the k best out of every
+score tile with k masked max passes and merge them into a running [rows, k]
+list: k times the vector work of `similarity.max_similarity` per tile. No
+accelerator was available to time such a kernel. The CPU proxy in
+`benchmarks/kernels.py` (the same XLA ops on one materialised float32 score
+block, k = 32; benchmarks/results/kernels_cpu.md, shared 2-core AMD EPYC at
+load ~7, jax 0.10.2) measured lax.top_k vs the k passes at 39 vs 956 ms for
+a [576, 16384] row block, and 7.7 vs 11.0 ms for a [576, 576] block (small
+blocks are within this machine's run-to-run noise: earlier runs gave 3.8 vs
+14.1 and 19.8 vs 6.6 ms). The passes' cost grows with k x M and top_k's does
+not, so the reference stays.
 """
 
 from __future__ import annotations
