@@ -75,7 +75,7 @@ def make_state(rng, b, t, d=6, heads=2, hd=4, with_positions=True):
            "size": size}
   if with_positions:
     state["positions"] = np.stack([rng.permutation(40)[:t] for _ in range(b)]).astype(np.int32)
-  return {key: jnp.asarray(v) if isinstance(v, np.ndarray) else v for key, v in state.items()}
+  return {key: jnp.asarray(v) for key, v in state.items()}
 
 
 def run_hook(spec, vision, layer, state):
