@@ -1,0 +1,39 @@
+r"""Evaluate a VLM under every reduction method at three budgets.
+
+  python eval.py                      # the shipped model on the bundled test split, all methods
+  python eval.py --methods=fastv,visionzip --budgets=0.25 --num_examples=700
+  python eval.py --checkpoint=/path/to/hf_llava_dir --dataset=/path/to/local_vqa --columns=answer=fullAnswer
+
+Prints a table and writes results.json, results.csv and accuracy_vs_flops.png to --outdir.
+"""
+
+import os
+
+from absl import app, flags, logging
+
+from vtr_jax import evaluation
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory (default: the shipped model).")
+_DATASET = flags.DEFINE_string("dataset", "bundled", "'bundled' or a local dataset directory / file.")
+_SPLIT = flags.DEFINE_string("split", "test", "Dataset split.")
+_COLUMNS = flags.DEFINE_string("columns", "", "Column mapping for local data: name=column,... (e.g. answer=fullAnswer).")
+_NUM = flags.DEFINE_integer("num_examples", 490, "Examples to evaluate (0: the whole split).")
+_METHODS = flags.DEFINE_list("methods", [], "Methods to evaluate (default: every registered method).")
+_BUDGETS = flags.DEFINE_list("budgets", ["0.5", "0.25", "0.125"], "Fractions of the visual tokens to keep.")
+_BATCH = flags.DEFINE_integer("batch_size", 70, "Batch size (one compiled shape).")
+_OUTDIR = flags.DEFINE_string("outdir", "outputs/eval", "Where results.json/.csv and the plot go.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  columns = dict(kv.split("=", 1) for kv in _COLUMNS.value.split(",") if kv) if _COLUMNS.value else None
+  evaluation.main(checkpoint=_CHECKPOINT.value, dataset=_DATASET.value, split=_SPLIT.value, columns=columns,
+                  num_examples=_NUM.value, methods=_METHODS.value or None,
+                  budgets=[float(b) for b in _BUDGETS.value], batch_size=_BATCH.value,
+                  outdir=os.path.abspath(_OUTDIR.value))
+
+
+if __name__ == "__main__":
+  app.run(main)

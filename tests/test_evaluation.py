@@ -1,0 +1,85 @@
+"""eval.py's library: every method gets a valid config at every budget; outputs are well formed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+import vtr_jax
+from configs import shapes_tiny
+from vtr_jax import evaluation, training
+from vtr_jax.data import vqa
+from vtr_jax.models.vlm import VLM
+from vtr_jax.reduce import parse, registry
+
+
+def _shipped_geometry():
+  return training.model_config(shapes_tiny.get_config(), vqa.tokenizer())
+
+
+@pytest.mark.parametrize("budget", evaluation.DEFAULT_BUDGETS)
+def test_every_method_has_a_valid_spec_at_every_budget(budget):
+  cfg = _shipped_geometry()
+  n = cfg.vision.num_patches
+  for name in registry():
+    spec = evaluation.spec_for(name, budget, cfg)
+    if spec is None:
+      assert name == "pool" and budget > 0.3, f"{name} has no setting for budget {budget}"
+      continue
+    m = parse(spec).methods[0]
+    if m.stage == "llm":
+      counts = m.layer_counts(n, cfg.text.num_layers)
+      assert np.mean(counts) < n, f"{spec}: no reduction"
+      if name != "exit":  # exit's budget picks its layer; the rest keep about k tokens at the end
+        assert abs(counts[-1] - budget * n) <= max(3, 0.15 * budget * n), f"{spec}: ends with {counts[-1]}"
+    elif name not in ("prumerge", "prumerge_plus"):  # these cap a data-dependent count
+      assert abs(m.kept(n) - budget * n) <= max(2, 0.3 * budget * n), f"{spec}: keeps {m.kept(n)} of {n}"
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+  c = shapes_tiny.get_config("test")
+  tok = vqa.tokenizer()
+  cfg = training.model_config(c, tok)
+  params = training.init_params(VLM(cfg), cfg, 0)
+  path = str(tmp_path_factory.mktemp("ckpt"))
+  vtr_jax.save(path, cfg, params, tok)
+  return path
+
+
+def test_eval_writes_table_json_csv_and_plot(tiny_checkpoint, tmp_path, capsys):
+  methods = ["random", "fastervlm", "fastv", "pdrop"]
+  results = evaluation.main(checkpoint=tiny_checkpoint, num_examples=14, methods=methods, budgets=[0.5, 0.25],
+                            batch_size=7, outdir=str(tmp_path), progress=False)
+  out = capsys.readouterr().out
+  assert "method" in out and "fastervlm" in out and "wrote" in out
+  assert results[0].method == "full" and results[0].agreement == 1.0 and results[0].relative == pytest.approx(100)
+  assert {r.method for r in results} == {"full", *methods}
+  with open(tmp_path / "results.json") as f:
+    data = json.load(f)
+  assert data["meta"]["examples"] == 14 and len(data["results"]) == len(results)
+  for r in data["results"]:
+    assert 0 <= r["accuracy"] <= 1 and r["prefill_gflops"] > 0 and r["latency_ms"] > 0 and r["peak_memory_mb"] > 0
+    assert set(r["per_family"]) == set(vqa.scenes.FAMILIES)
+  reduced = [r for r in data["results"] if r["method"] != "full"]
+  assert all(r["flops_ratio"] < 1 for r in reduced)
+  with open(tmp_path / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == len(results) and "reading" in rows[0]
+  with open(tmp_path / "accuracy_vs_flops.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nope"):
+    evaluation.main(checkpoint=str(tmp_path / "nope"), num_examples=7, outdir=str(tmp_path), progress=False)
+
+
+def test_unknown_method_is_named(tiny_checkpoint, tmp_path):
+  with pytest.raises(ValueError, match=r"unknown methods \['fastvv'\]"):
+    evaluation.main(checkpoint=tiny_checkpoint, num_examples=7, methods=["fastvv"], outdir=str(tmp_path),
+                    progress=False)

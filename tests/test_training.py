@@ -1,0 +1,99 @@
+"""train.py's library: the loss goes down, interruption resumes exactly, errors, compressor setups."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import shapes_tiny
+from vtr_jax import training
+
+
+def _config(**train):
+  c = shapes_tiny.get_config("test")
+  c.train.update(**train)
+  return c
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _params(workdir):
+  import vtr_jax
+  _, params, _ = vtr_jax.load(os.path.join(workdir, "export"))
+  return params
+
+
+def test_few_steps_lower_the_loss_and_export(tmp_path):
+  c = _config(steps=10, log_every=1, eval_every=10, checkpoint_every=5)
+  training.train(c, str(tmp_path), progress=False)
+  m = _metrics(str(tmp_path))
+  assert [r["step"] for r in m] == list(range(1, 11))
+  assert np.mean([r["loss"] for r in m[-3:]]) < m[0]["loss"] - 0.1
+  assert 0.0 <= m[-1]["val"]["overall"] <= 1.0 and set(m[-1]["val"]) >= {"colour", "reading", "overall"}
+  assert os.path.exists(os.path.join(tmp_path, "export", "model.safetensors"))
+
+
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
+  c = _config(steps=5, checkpoint_every=2, eval_every=0, log_every=1)
+  whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+  training.train(c, whole, progress=False)
+  training.train(c, split, stop_after=3, progress=False)  # checkpoint at 2; steps 3.. are redone
+  assert not os.path.exists(os.path.join(split, "export"))
+  training.train(c, split, progress=False)
+  a, b = _params(whole), _params(split)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert [r["loss"] for r in _metrics(whole)][-2:] == [r["loss"] for r in _metrics(split)][-2:]
+
+
+def test_config_mismatch_names_the_field(tmp_path):
+  training.train(_config(steps=2, eval_every=0), str(tmp_path), progress=False)
+  other = _config(steps=4, eval_every=0)
+  other.model.text.hidden_size = 48
+  with pytest.raises(training.TrainingError, match=r"model\.text\.hidden_size: checkpoint 32, config 48"):
+    training.train(other, str(tmp_path), progress=False)
+
+
+def test_nan_stops_training(tmp_path):
+  c = _config(steps=3, eval_every=0)
+  c.optim.lr = float("nan")
+  with pytest.raises(training.TrainingError, match="non-finite"):
+    training.train(c, str(tmp_path), progress=False)
+
+
+def test_projector_only_freezes_the_rest(tmp_path):
+  c = shapes_tiny.get_config("test,projector")
+  c.train.update(steps=2, eval_every=0)
+  training.train(c, str(tmp_path), progress=False)
+  trained = _params(str(tmp_path))["params"]
+  from vtr_jax.data import vqa
+  from vtr_jax.models.vlm import VLM
+  cfg = training.model_config(c, vqa.tokenizer())
+  init = training.init_params(VLM(cfg), cfg, c.seed)["params"]
+  same = lambda a, b: all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in
+                          zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+  assert same(trained["vision"], init["vision"]) and same(trained["decoder"], init["decoder"])
+  assert not same(trained["projector"], init["projector"])
+
+
+def test_pdrop_training_mode_runs(tmp_path):
+  c = shapes_tiny.get_config("test,pdrop")
+  c.train.update(steps=3, eval_every=0, log_every=1)
+  training.train(c, str(tmp_path), progress=False)
+  assert all(np.isfinite(r["loss"]) for r in _metrics(str(tmp_path)))
+
+
+def test_unknown_trainable_part():
+  c = _config(trainable="projector+llm")
+  with pytest.raises(ValueError, match=r"names \['llm'\]; the model's parts are \['decoder', 'projector', 'vision'\]"):
+    from vtr_jax.data import vqa
+    from vtr_jax.models.vlm import VLM
+    cfg = training.model_config(c, vqa.tokenizer())
+    training.optimizer(c, training.init_params(VLM(cfg), cfg, 0))
