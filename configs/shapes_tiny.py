@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                            final_lr_fraction=0.05))
   c.train = ml_collections.ConfigDict(dict(steps=6000, batch_size=32, log_every=25, eval_every=250,
                                            checkpoint_every=250, keep_checkpoints=2, trainable="all",
+                                           # a reduction string, or a schedule 'until:spec|...|spec'
                                            reduction="", query_rows=False))
   variants = set((arg or "").split(",")) - {""}
   if "test" in variants:

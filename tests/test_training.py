@@ -97,3 +97,19 @@ def test_unknown_trainable_part():
     from vtr_jax.models.vlm import VLM
     cfg = training.model_config(c, vqa.tokenizer())
     training.optimizer(c, training.init_params(VLM(cfg), cfg, 0))
+
+
+def test_reduction_schedule_parsing():
+  sched = training.reduction_schedule("3:pool:stride=4|6:pool:stride=2|none")
+  assert sched == [(3, "pool:stride=4"), (6, "pool:stride=2"), (None, "none")]
+  assert [training.spec_at(sched, s) for s in (0, 2, 3, 5, 6, 99)] == ["pool:stride=4"] * 2 + ["pool:stride=2"] * 2 + ["none"] * 2
+  with pytest.raises(ValueError, match="must increase"):
+    training.reduction_schedule("6:pool:stride=4|3:none|none")
+  with pytest.raises(ValueError, match="needs 'until_step:'"):
+    training.reduction_schedule("pool:stride=4|none")
+
+
+def test_scheduled_training_runs(tmp_path):
+  c = _config(steps=4, eval_every=0, log_every=1, reduction="2:pool:stride=2|none")
+  training.train(c, str(tmp_path), progress=False)
+  assert len(_metrics(str(tmp_path))) == 4

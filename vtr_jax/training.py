@@ -157,6 +157,39 @@ def _train_step(state: TrainState, batch, *, model: VLM, optim: tuple, plan, que
   return TrainState(state.step + 1, params, opt_state), metrics
 
 
+def reduction_schedule(text: str | None) -> list[tuple[int | None, str]]:
+  """'until:spec|until:spec|spec' -> [(until_step, spec), ..., (None, spec)].
+
+  A plan per training stage, each used while step < until (LLaVolta's
+  relaxing compression: strong pooling first, none at the end). A plain
+  reduction string is a one-stage schedule.
+  """
+  if not text:
+    return [(None, "")]
+  stages = []
+  for part in text.split("|"):
+    head, sep, rest = part.partition(":")
+    if sep and head.strip().isdigit():
+      stages.append((int(head), rest.strip()))
+    else:
+      stages.append((None, part.strip()))
+  if any(until is None for until, _ in stages[:-1]):
+    raise ValueError(f"reduction schedule {text!r}: every stage but the last needs 'until_step:'")
+  bounds = [u for u, _ in stages[:-1]]
+  if bounds != sorted(set(bounds)):
+    raise ValueError(f"reduction schedule {text!r}: stage boundaries {bounds} must increase")
+  for _, spec in stages:
+    parse(spec)  # fail early on a bad string
+  return stages
+
+
+def spec_at(schedule: list[tuple[int | None, str]], step: int) -> str:
+  for until, spec in schedule:
+    if until is None or step < until:
+      return spec
+  return schedule[-1][1]
+
+
 def as_arrays(batch: vqa.TrainBatch) -> dict[str, np.ndarray]:
   return {"pixels": batch.pixels, "tokens": batch.tokens, "valid": batch.valid, "targets": batch.targets,
           "loss_mask": batch.loss_mask}
@@ -252,8 +285,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   mgr = checkpoint_manager(workdir, config)
   state = restore_or_init(mgr, params, tx)
   start = int(state.step)
-  step_fn = make_train_step(model, config, config.train.get("reduction") or None,
-                            query_rows=config.train.get("query_rows", False))
+  schedule = reduction_schedule(config.train.get("reduction") or None)
+  query_rows = config.train.get("query_rows", False)
+  step_fns = {spec: make_train_step(model, config, spec or None, query_rows=query_rows) for _, spec in schedule}
   total = config.train.steps
   end = total if stop_after is None else min(total, start + stop_after)
   data = vqa.stream("train", config.train.batch_size, first_step=start, config=scene_config(config, cfg),
@@ -267,7 +301,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     for step in range(start, end):
       rows = next(data)
       batch = as_arrays(vqa.train_batch(rows, tok, cfg.vision, length=vqa.TRAIN_LENGTH))
-      state, step_metrics = step_fn(state, batch)
+      state, step_metrics = step_fns[spec_at(schedule, step)](state, batch)
       loss = float(step_metrics["loss"])
       if not math.isfinite(loss) or not math.isfinite(float(step_metrics["grad_norm"])):
         raise TrainingError(f"non-finite loss {loss} or gradient norm at step {step + 1}; stopping "
