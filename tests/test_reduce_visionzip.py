@@ -126,9 +126,21 @@ def test_default_splits_and_errors():
     parse("visionzip:dominant=4").methods[0].kept(16)
   with pytest.raises(ReductionError, match="must add up to the budget 8"):
     parse("visionzip:keep=8,dominant=4,contextual=2").methods[0].kept(16)
-  with pytest.raises(ReductionError, match="adds the class token itself"):
-    parse("visionzip:keep=4").methods[0].reduce(H.random_tokens(np.random.default_rng(0), 1, N, DIM),
-                                                 H.method_context(dataclasses.replace(VISION, keep_cls=True), {}))
+
+
+def test_visionzip_on_a_keep_cls_tower_keeps_dominant_patches():
+  """A tower that hands its class token on itself: no second class token, `dominant` patches."""
+  cls_attn, keys, x, cls_feature = _inputs(5)
+  aux = {"vision/cls_attn/2": jnp.asarray(cls_attn), "vision/keys/2": jnp.asarray(keys),
+         "vision/cls_feature": jnp.asarray(cls_feature)}
+  out, maux = _run("visionzip:keep=8", dataclasses.replace(VISION, keep_cls=True), aux, x)
+  d, c = parse("visionzip:keep=8").methods[0].split(N)
+  assert out.count == d + c and maux["index"].shape[1] == d
+  assert np.all(np.asarray(out.positions) >= 0)
+  for i in range(3):
+    scores = np.float32([sum(cls_attn[i, h, 1 + p] for h in range(HEADS)) for p in range(N)])
+    expected, _, _ = np_visionzip(scores, keys[i, 1:], x[i], None, d, c)
+    H.tie_aware_equal(np.asarray(maux["index"][i]).tolist(), expected, scores, d)
 
 
 # ---- generic contracts, end to end on a tiny model ------------------------------------------

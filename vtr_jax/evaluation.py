@@ -71,6 +71,8 @@ def spec_for(method: str, fraction: float, cfg: VLMConfig) -> str | None:
     return f"sparsevlm:layers={'/'.join(map(str, stages))},keep={keep}"
   if method == "exit":
     return f"exit:layer={int(min(layers - 1, max(1, round(2 * fraction * layers))))}"
+  if method == "prumerge_plus":  # outliers plus about three spatial tokens per outlier: cap at k / 4
+    return f"prumerge_plus:keep={max(1, round(k / 4))}"
   if "keep" in fields:
     return f"{method}:keep={k}"
   return None

@@ -29,7 +29,9 @@ contextual = floor(keep * 10 / 64): 192 = 162 + 30, 128 = 108 + 20,
 Towers without a class token (SigLIP): the attention each patch receives
 (mean over heads and query rows) ranks the patches, all `dominant` tokens are
 patches, and no class token is added. A tower that already hands on its class
-token (`keep_cls`) is refused: VisionZip places the class token itself.
+token (`keep_cls`) already hands the class token to the LLM; VisionZip then keeps
+`dominant` patches and does not add it again (the LLM sees one token more
+than the budget, as with every other method on such a tower).
 """
 
 from __future__ import annotations
@@ -125,15 +127,14 @@ class VisionZip(Method):
 
   def reduce(self, tokens: Tokens, ctx):
     vision = ctx.vision
-    if vision.has_cls and vision.keep_cls:
-      raise ReductionError("visionzip adds the class token itself; use a tower with keep_cls=False")
+    adds_cls = vision.has_cls and not vision.keep_cls  # a keep_cls tower hands the class token on itself
     scores = dominant_scores(ctx)
     _check_patches(self.name, tokens, scores)
     n = tokens.count
     dominant, contextual = self.split(n)
-    idx = P.topk_indices(scores, dominant - int(vision.has_cls), tokens.valid)
+    idx = P.topk_indices(scores, dominant - int(adds_cls), tokens.valid)
     parts = [P.gather(tokens, idx)]
-    if vision.has_cls:
+    if adds_cls:
       b = tokens.x.shape[0]
       cls = ctx.cls_feature.astype(tokens.x.dtype)[:, None]  # [B, D] -> [B, 1, D]
       parts.insert(0, Tokens(cls, jnp.full((b, 1), -1, jnp.int32), jnp.ones((b, 1), bool),
