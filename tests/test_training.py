@@ -96,7 +96,7 @@ def test_unknown_trainable_part():
     from vtr_jax.data import vqa
     from vtr_jax.models.vlm import VLM
     cfg = training.model_config(c, vqa.tokenizer())
-    training.optimizer(c, training.init_params(VLM(cfg), cfg, 0))
+    training.optimizer(c, training.init_params(VLM(cfg), cfg, 0), {})
 
 
 def test_reduction_schedule_parsing():
@@ -113,3 +113,12 @@ def test_scheduled_training_runs(tmp_path):
   c = _config(steps=4, eval_every=0, log_every=1, reduction="2:pool:stride=2|none")
   training.train(c, str(tmp_path), progress=False)
   assert len(_metrics(str(tmp_path))) == 4
+
+
+def test_auxiliary_scene_supervision_trains_heads_but_exports_only_the_model(tmp_path):
+  c = _config(steps=4, eval_every=0, log_every=1, aux_weight=1.0)
+  training.train(c, str(tmp_path), progress=False)
+  m = _metrics(str(tmp_path))
+  assert all(np.isfinite(r["loss"]) for r in m)
+  params = _params(str(tmp_path))
+  assert set(params["params"]) == {"vision", "projector", "decoder"}

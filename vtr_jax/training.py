@@ -28,6 +28,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from vtr_jax import supervision
 from vtr_jax.data import scenes, vqa
 from vtr_jax.data.tokenizer import Tokenizer
 from vtr_jax.models.decoder import DecoderConfig
@@ -44,8 +45,10 @@ class TrainingError(RuntimeError):
 
 @flax.struct.dataclass
 class TrainState:
+  """`params` is the model (what gets exported); `heads` the training-only auxiliary heads ({} if none)."""
   step: Array
   params: Any
+  heads: Any
   opt_state: Any
 
 
@@ -83,14 +86,16 @@ def trainable_mask(params, trainable: str):
   return {"params": {k: jax.tree_util.tree_map(lambda _, t=k in parts: t, v) for k, v in params["params"].items()}}
 
 
-def optimizer(config: ml_collections.ConfigDict, params) -> optax.GradientTransformation:
+def optimizer(config: ml_collections.ConfigDict, params, heads=None) -> optax.GradientTransformation:
+  """AdamW (warmup + cosine, clipped) over {'model': params, 'heads': heads}; frozen parts get zero updates."""
   o = config.optim
   no_decay = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731
       lambda path, x: x.ndim >= 2 and "embedding" not in jax.tree_util.keystr(path), p)
   inner = optax.chain(optax.clip_by_global_norm(o.clip),
                       optax.adamw(learning_rate(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                                   mask=no_decay))
-  mask = trainable_mask(params, config.train.trainable)
+  mask = {"model": trainable_mask(params, config.train.trainable),
+          "heads": jax.tree_util.tree_map(lambda _: True, heads or {})}
   labels = jax.tree_util.tree_map(lambda t: "train" if t else "freeze", mask)
   return optax.multi_transform({"train": inner, "freeze": optax.set_to_zero()}, labels)
 
@@ -103,12 +108,15 @@ def init_params(model: VLM, cfg: VLMConfig, seed: int):
 
 
 # ---- the step ---------------------------------------------------------------------------------
-def loss_and_metrics(params, model: VLM, batch: Mapping[str, Array], reduction, query_rows: bool = False):
-  """Mean cross-entropy over the answer (and end) tokens; accuracy of the first answer token.
+def loss_and_metrics(trainable, model: VLM, batch: Mapping[str, Array], reduction, query_rows: bool = False,
+                     aux_weight: float = 0.0):
+  """Mean cross-entropy over the answer (and end) tokens, plus `aux_weight` x the auxiliary scene
+  losses (`vtr_jax.supervision`); accuracy of the first answer token.
 
   Targets ride through the decoder as per-token entries, so they stay
   aligned with the logits even when an in-LLM method drops tokens.
   """
+  params = trainable["model"]
   extras = {"tok/target": batch["targets"], "tok/loss": batch["loss_mask"]}
   if query_rows:  # PyramidDrop's training rule: the rows just before the answer
     first = batch["loss_mask"] & ~jnp.pad(batch["loss_mask"], ((0, 0), (1, 0)))[:, :-1]
@@ -123,17 +131,27 @@ def loss_and_metrics(params, model: VLM, batch: Mapping[str, Array], reduction, 
   first = mask & ~jnp.pad(mask, ((0, 0), (1, 0)))[:, :-1]  # the answer token itself
   correct = jnp.sum(jnp.where(first, jnp.argmax(logits, -1) == targets, False))
   acc = correct / jnp.maximum(jnp.sum(first), 1)
-  return loss, {"loss": loss, "accuracy": acc}
+  metrics = {"loss": loss, "accuracy": acc}
+  if aux_weight:
+    patches, cls = supervision.split_features(aux["vision/features"], aux.get("vision/cls_feature"),
+                                              model.config.vision)
+    targets = {k[len("aux/"):]: v for k, v in batch.items() if k.startswith("aux/")}
+    extra, aux_metrics = supervision.aux_loss(trainable["heads"], patches, cls, targets)
+    metrics.update(aux_metrics)
+    return loss + aux_weight * extra, metrics
+  return loss, metrics
 
 
-def make_train_step(model: VLM, config: ml_collections.ConfigDict, reduction=None, query_rows: bool = False):
+def make_train_step(model: VLM, config: ml_collections.ConfigDict, reduction=None, query_rows: bool = False,
+                    aux_weight: float = 0.0):
   """jit(state, batch) -> (state, metrics), the state's buffers donated.
 
   The compiled step is cached by (model, optimizer settings, plan), so
   several `train` calls in one process (tests, sweeps) compile it once.
   """
   key = _optim_key(config)
-  return functools.partial(_train_step, model=model, optim=key, plan=parse(reduction), query_rows=query_rows)
+  return functools.partial(_train_step, model=model, optim=key, plan=parse(reduction), query_rows=query_rows,
+                           aux_weight=aux_weight)
 
 
 def _optim_key(config: ml_collections.ConfigDict) -> tuple:
@@ -146,15 +164,17 @@ def _config_from_key(key: tuple) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"optim": dict(optim), "train": {"steps": steps, "trainable": trainable}})
 
 
-@functools.partial(jax.jit, static_argnames=("model", "optim", "plan", "query_rows"), donate_argnums=(0,))
-def _train_step(state: TrainState, batch, *, model: VLM, optim: tuple, plan, query_rows: bool):
-  tx = optimizer(_config_from_key(optim), state.params)
+@functools.partial(jax.jit, static_argnames=("model", "optim", "plan", "query_rows", "aux_weight"),
+                   donate_argnums=(0,))
+def _train_step(state: TrainState, batch, *, model: VLM, optim: tuple, plan, query_rows: bool, aux_weight: float):
+  tx = optimizer(_config_from_key(optim), state.params, state.heads)
+  trainable = {"model": state.params, "heads": state.heads}
   grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
-  (_, metrics), grads = grad_fn(state.params, model, batch, plan, query_rows)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  (_, metrics), grads = grad_fn(trainable, model, batch, plan, query_rows, aux_weight)
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  new = optax.apply_updates(trainable, updates)
   metrics["grad_norm"] = optax.global_norm(grads)
-  return TrainState(state.step + 1, params, opt_state), metrics
+  return TrainState(state.step + 1, new["model"], new["heads"], opt_state), metrics
 
 
 def reduction_schedule(text: str | None) -> list[tuple[int | None, str]]:
@@ -246,9 +266,9 @@ def check_same_model(saved: Mapping[str, Any], config: ml_collections.ConfigDict
                         f"({'; '.join(diffs)}); use a new --workdir or the original config")
 
 
-def restore_or_init(mgr: ocp.CheckpointManager, params, tx) -> TrainState:
-  """The latest checkpoint's state, or a fresh one around `params`."""
-  state = TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params))
+def restore_or_init(mgr: ocp.CheckpointManager, params, heads, tx) -> TrainState:
+  """The latest checkpoint's state, or a fresh one around `params` and `heads`."""
+  state = TrainState(jnp.asarray(0, jnp.int32), params, heads, tx.init({"model": params, "heads": heads}))
   latest = mgr.latest_step()
   if latest is None:
     return state
@@ -281,13 +301,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   with open(config_path, "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   params = init_params(model, cfg, config.seed)
-  tx = optimizer(config, params)
+  aux_weight = float(config.train.get("aux_weight", 0.0))
+  heads = supervision.init_heads(cfg.vision, config.seed) if aux_weight else {}
+  tx = optimizer(config, params, heads)
   mgr = checkpoint_manager(workdir, config)
-  state = restore_or_init(mgr, params, tx)
+  state = restore_or_init(mgr, params, heads, tx)
   start = int(state.step)
   schedule = reduction_schedule(config.train.get("reduction") or None)
   query_rows = config.train.get("query_rows", False)
-  step_fns = {spec: make_train_step(model, config, spec or None, query_rows=query_rows) for _, spec in schedule}
+  step_fns = {spec: make_train_step(model, config, spec or None, query_rows=query_rows, aux_weight=aux_weight)
+              for _, spec in schedule}
   total = config.train.steps
   end = total if stop_after is None else min(total, start + stop_after)
   data = vqa.stream("train", config.train.batch_size, first_step=start, config=scene_config(config, cfg),
@@ -301,6 +324,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     for step in range(start, end):
       rows = next(data)
       batch = as_arrays(vqa.train_batch(rows, tok, cfg.vision, length=vqa.TRAIN_LENGTH))
+      if aux_weight:
+        grid = cfg.vision.grid
+        batch.update({f"aux/{k}": v for k, v in supervision.scene_targets([r["scene"] for r in rows], grid).items()})
       state, step_metrics = step_fns[spec_at(schedule, step)](state, batch)
       loss = float(step_metrics["loss"])
       if not math.isfinite(loss) or not math.isfinite(float(step_metrics["grad_norm"])):
@@ -313,7 +339,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
       if done % config.train.log_every == 0 or done == end:
         metrics = {"step": done, "loss": loss, "accuracy": float(step_metrics["accuracy"]),
                    "grad_norm": float(step_metrics["grad_norm"]), "lr": float(learning_rate(config)(step)),
-                   "seconds": round(time.perf_counter() - t0, 2)}
+                   "seconds": round(time.perf_counter() - t0, 2),
+                   **{k: float(v) for k, v in step_metrics.items() if k.startswith("aux/")}}
         if config.train.eval_every and (done % config.train.eval_every == 0 or done == total):
           if val_rows is None:
             val_rows = vqa.build_split("val", config.data.val_examples, scene_config(config, cfg))
