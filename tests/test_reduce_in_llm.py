@@ -245,9 +245,32 @@ def test_attention_mass_helper_matches_numpy():
     np.testing.assert_allclose(out[i], expect, atol=1e-6)
 
 
+def test_todre_llm_relevance_and_exit_match_numpy():
+  threshold = 0.7  # on these inputs: samples 1 and 3 exit at layer 1, samples 0 and 2 never
+  aux, params, cfg = run_recorded(f"todre_llm:start=1,threshold={threshold}")
+  assert set(aux["llm/todre/exit_layer"].tolist()) == {1, cfg.num_layers}
+  for i in range(4):
+    gone = False
+    for layer in (1, 2, 3):
+      x, pos, val, vis = (aux[f"llm/rec/in/{layer}/{k}"][i] for k in ("x", "positions", "valid", "visual"))
+      q, k = np_qk(params, layer, x.astype(np.float64), pos, cfg)
+      last_vis = max(s for s in range(len(x)) if vis[s])
+      rows = [s for s in range(len(x)) if val[s] and not vis[s] and s > last_vis] or [len(x) - 1]
+      mass = np.mean([np_row_attention(q, k, r, val) for r in rows], axis=0)
+      relevance = mass[vis & val].sum()
+      np.testing.assert_allclose(aux[f"llm/todre/relevance/{layer}"][i], relevance, rtol=1e-4, atol=1e-6)
+      if not gone and relevance < threshold:
+        gone = True
+        assert aux["llm/todre/exit_layer"][i] == layer
+      after = aux[f"llm/rec/out/{layer}/valid"][i] & aux[f"llm/rec/out/{layer}/visual"][i]
+      assert after.any() != gone  # visual tokens are hidden exactly from the exit layer on
+    if not gone:
+      assert aux["llm/todre/exit_layer"][i] == cfg.num_layers
+
+
 # ---- equivalence checks -----------------------------------------------------------------------
 KEEP_ALL = ["fastv:layer=2,keep=16", "pdrop:layers=1/2/3,ratio=1.0", "sparsevlm:layers=0/1/2,keep=16/16/16",
-            "dart:layer=2,keep=16"]
+            "dart:layer=2,keep=16", "todre_llm:start=1,threshold=0"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -297,7 +320,8 @@ def test_drop_equals_mask_variant(spec):
 
 
 DECODE = ["fastv:layer=2,keep=5", "pdrop:layers=1/3,ratio=0.5", "sparsevlm:layers=0/2,keep=8/3",
-          "dart:layer=2,keep=8", "exit:layer=2", "fastervlm:keep=8+pdrop:layers=1/2,ratio=0.5"]
+          "dart:layer=2,keep=8", "exit:layer=2", "todre_llm:start=1,threshold=0.7",
+          "fastervlm:keep=8+pdrop:layers=1/2,ratio=0.5"]
 
 
 @pytest.mark.parametrize("spec", DECODE)
@@ -327,7 +351,7 @@ def test_decode_equals_rerun_prefill(spec):
 
 # ---- generic contracts -----------------------------------------------------------------------
 BATCH = ["fastv:layer=2,keep=5", "pdrop:layers=1/3,ratio=0.5", "sparsevlm:layers=0/2,keep=8/3",
-         "dart:layer=2,keep=8", "exit:layer=2"]
+         "dart:layer=2,keep=8", "exit:layer=2", "todre_llm:start=1,threshold=0.7"]
 
 
 @pytest.mark.parametrize("spec", BATCH)

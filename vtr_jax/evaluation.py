@@ -40,6 +40,8 @@ from vtr_jax.models.vlm import VLM, VLMConfig
 from vtr_jax.reduce import ReductionError, parse, registry
 
 DEFAULT_BUDGETS = (0.5, 0.25, 0.125)
+# Methods whose token count is decided by the data, run once at these settings.
+ADAPTIVE = {"todre_llm": "todre_llm:start=1,threshold=0.1"}
 
 
 # ---- budgets -> config strings -----------------------------------------------------------------
@@ -157,8 +159,11 @@ def evaluate(model: VLM, params, rows, tok: Tokenizer, *, methods: Sequence[str]
   full_cost = F.prefill_cost(cfg, None, text_tokens=text_tokens)
   jobs = [("full", None, "none")]
   for m in methods:
-    for b in budgets:
-      spec = spec_for(m, b, cfg)
+    specs = [(b, spec_for(m, b, cfg)) for b in budgets]
+    if all(spec is None for _, spec in specs) and m in ADAPTIVE:  # no budget knob: once, at its defaults
+      jobs.append((m, None, ADAPTIVE[m]))
+      continue
+    for b, spec in specs:
       if spec is None:
         log(f"skipping {m} at {b:.3f}: no budget setting")
         continue
