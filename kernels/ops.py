@@ -8,18 +8,28 @@ sequential grid axis, a Mosaic TPU pattern that GPU lowerings do not run; see
 kernel on any backend, slowly. `block_sizes` only affects the kernel. Shapes
 and options are validated before dispatch, so both paths raise the same
 ValueErrors. `topk_similarity` has no kernel (see `kernels/topk.py` for why).
+
+Under a device mesh (`jax.set_mesh` with `vtr_jax.sharding` rules) each op
+runs inside `jax.shard_map`: every device scores its own samples (and, for
+`attention_mass`, its own kv heads, summed across the `tensor` axis), so XLA
+never gathers the operands to run a kernel it cannot partition.
 """
 
 from __future__ import annotations
 
-import jax
+import functools
 
+import jax
+from jax.sharding import PartitionSpec as P
+
+from vtr_jax import sharding
 from vtr_jax.kernels import similarity
 from vtr_jax.kernels.attention_mass import BlockSizes as MassBlockSizes
 from vtr_jax.kernels.attention_mass import attention_mass as attention_mass_kernel
 from vtr_jax.kernels.attention_mass import attention_mass_reference
 from vtr_jax.kernels.attention_mass import check_shapes as check_mass_shapes
 from vtr_jax.kernels.topk import topk_similarity_reference
+from vtr_jax.models import common
 
 IMPLS = ("reference", "pallas")
 
@@ -46,16 +56,18 @@ def max_similarity(x, y, *, metric: str = "cosine", mode: str = "max", x_valid=N
   similarity.check_options(metric, mode)
   similarity.check_shapes(x, y, x_valid, y_valid)
   if choose(impl, has_kernel=True, interpret=interpret) == "reference":
-    return similarity.max_similarity_reference(x, y, metric=metric, mode=mode, x_valid=x_valid, y_valid=y_valid)
-  return similarity.max_similarity(x, y, metric=metric, mode=mode, x_valid=x_valid, y_valid=y_valid,
-                                   block_sizes=block_sizes or similarity.BlockSizes(), interpret=interpret)
+    fn = functools.partial(similarity.max_similarity_reference, metric=metric, mode=mode)
+  else:
+    fn = functools.partial(similarity.max_similarity, metric=metric, mode=mode,
+                           block_sizes=block_sizes or similarity.BlockSizes(), interpret=interpret)
+  return sharding.per_sample(fn)(x, y, x_valid=x_valid, y_valid=y_valid)
 
 
 def topk_similarity(x, y, k: int, *, metric: str = "cosine", y_valid=None, impl: str | None = None,
                     interpret=False):
   """See `kernels/topk.py`: (values float32[B, N, k], index int32[B, N, k])."""
   choose(impl, has_kernel=False, interpret=interpret)
-  return topk_similarity_reference(x, y, k, metric=metric, y_valid=y_valid)
+  return sharding.per_sample(functools.partial(topk_similarity_reference, k=k, metric=metric))(x, y, y_valid=y_valid)
 
 
 def attention_mass(q, k, *, key_valid=None, row_valid=None, q_slots=None, scale=None, impl: str | None = None,
@@ -63,6 +75,34 @@ def attention_mass(q, k, *, key_valid=None, row_valid=None, q_slots=None, scale=
   """See `kernels/attention_mass.py`: float32[B, S]. On the kernel path `scale` must be a Python float."""
   check_mass_shapes(q, k, key_valid, row_valid, q_slots)
   if choose(impl, has_kernel=True, interpret=interpret) == "reference":
-    return attention_mass_reference(q, k, key_valid=key_valid, row_valid=row_valid, q_slots=q_slots, scale=scale)
-  return attention_mass_kernel(q, k, key_valid=key_valid, row_valid=row_valid, q_slots=q_slots, scale=scale,
-                               block_sizes=block_sizes or MassBlockSizes(), interpret=interpret)
+    fn = functools.partial(attention_mass_reference, scale=scale)
+  else:
+    fn = functools.partial(attention_mass_kernel, scale=scale, block_sizes=block_sizes or MassBlockSizes(),
+                           interpret=interpret)
+  masks = {name: a for name, a in (("key_valid", key_valid), ("row_valid", row_valid), ("q_slots", q_slots))
+           if a is not None}
+  return _mass_on_devices(fn, q, k, masks)
+
+
+def _mass_on_devices(fn, q, k, masks):
+  """fn(q, k, **masks) -> float32[B, S], each device on its samples and kv heads under the active mesh.
+
+  q float[B, N, R, H] and k float[B, K, S, H] split their batch over the
+  batch axes and their kv heads (q's heads in the same groups) over the
+  `activation_heads` axes; a device's mean over its heads is weighted by its
+  share of the heads and summed over those axes.
+  """
+  b, n = q.shape[:2]
+  batch = sharding.split_axes(common.ACT_BATCH, b)
+  heads = sharding.split_axes(common.ACT_HEADS, k.shape[1], exclude=batch)
+  if not batch and not heads:
+    return fn(q, k, **masks)
+
+  def body(q, k, masks):
+    mass = fn(q, k, **masks)
+    return jax.lax.psum(mass * (q.shape[1] / n), heads) if heads else mass
+
+  per_sample = P(batch or None)
+  per_head = P(batch or None, heads or None)
+  return jax.shard_map(body, in_specs=(per_head, per_head, per_sample), out_specs=per_sample,
+                       axis_names=frozenset(batch + heads))(q, k, masks)

@@ -42,8 +42,9 @@ def param_axes(init: Callable, axes: Sequence[str]) -> Callable:
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-  """Activation sharding constraint by logical names (no-op without rules)."""
-  return nn.with_logical_constraint(x, tuple(axes))
+  """Activation sharding constraint by logical names (no-op outside a mesh with `vtr_jax.sharding` rules)."""
+  from vtr_jax import sharding  # sharding imports this module's names
+  return sharding.constrain(x, axes)
 
 
 def dense_init(scale: float = 0.02) -> Callable:

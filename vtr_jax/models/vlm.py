@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vtr_jax import sharding
 from vtr_jax.models import common as c
 from vtr_jax.models.decoder import BoundaryHook, Decoder, DecoderConfig, KVCache
 from vtr_jax.models.projector import Projector
@@ -152,6 +153,8 @@ class VLM(nn.Module):
     vision_methods, embed_methods = plan.at("vision"), plan.at("embed")
     extras = frozenset().union(*(m.vision_extras(vcfg) for m in vision_methods + embed_methods))
     hook = next((h for h in (m.block_hook(vcfg) for m in vision_methods) if h is not None), None)
+    if hook is not None:  # selections run per device on its own samples (no cross-device gathers)
+      hook = dataclasses.replace(hook, fn=sharding.per_sample(hook.fn))
     feats, aux = self.vision(pixels, extras=extras, hook=hook)
     n_cls = int(vcfg.has_cls)
     b, t = feats.shape[:2]
@@ -171,13 +174,13 @@ class VLM(nn.Module):
     text_x, text_valid, image_slot = text if text is not None else (None, None, None)
     ctx = Context(vcfg, aux, text_x, text_valid, image_slot, fingerprint(pixels))
     for m in vision_methods:
-      tokens, method_aux = m.reduce(tokens, ctx)
+      tokens, method_aux = sharding.per_sample(m.reduce)(tokens, ctx)
       aux.update({f"reduce/{m.name}/{k}": v for k, v in method_aux.items()})
     tokens = tokens.replace(x=self.projector(tokens.x))
     if cls is not None:
       cls = cls.replace(x=self.projector(cls.x))
     for m in embed_methods:
-      tokens, method_aux = m.reduce(tokens, ctx)
+      tokens, method_aux = sharding.per_sample(m.reduce)(tokens, ctx)
       aux.update({f"reduce/{m.name}/{k}": v for k, v in method_aux.items()})
     if cls is not None:
       tokens = jax.tree_util.tree_map(lambda a, c: jnp.concatenate([a, c], axis=1), cls, tokens)
@@ -209,9 +212,11 @@ class VLM(nn.Module):
       patches reach the last layer) and the methods' entries.
     """
     plan = parse(reduction)
-    text_x = self.decoder.embed(tokens)
+    seq = (c.ACT_BATCH, c.ACT_LENGTH, c.ACT_EMBED)  # activation sharding at the seams (vtr_jax.sharding)
+    text_x = c.constrain(self.decoder.embed(tokens), seq)
     image_slot = jnp.argmax(tokens == self.config.image_token_id, axis=1).astype(jnp.int32)
     vis, aux = self.encode_image(pixels, reduction=plan, text=(text_x, valid, image_slot))
+    vis = vis.replace(x=c.constrain(vis.x, seq))
     layout = assemble(text_x, valid, image_slot, vis, keep_positions=plan.keep_positions,
                       num_original=self.config.num_image_tokens)
     aux.update({"prompt/visual": layout.visual, "prompt/valid": layout.valid,
@@ -260,7 +265,7 @@ def llm_hook(plan: Plan, text: DecoderConfig) -> BoundaryHook | None:
       state = fn(layer, state, access)
     return state
 
-  return BoundaryHook(run)
+  return BoundaryHook(sharding.per_sample(run))  # per device on its own samples, see `sharding.per_sample`
 
 
 def check_prompts(tokens, valid, image_token_id: int) -> None:

@@ -25,6 +25,7 @@ import types
 import typing
 from typing import Any, Callable, ClassVar, Mapping
 
+import flax
 import jax
 
 from vtr_jax.reduce.tokens import Tokens
@@ -40,9 +41,12 @@ class ReductionError(ValueError):
   """A reduction plan that cannot run (bad config string, budget, stage)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class Context:
   """What a vision- or embed-stage method may read besides its tokens.
+
+  A pytree (its arrays are leaves, `vision` is static), so the VLM can hand
+  it to a method through `jax.shard_map` (`vtr_jax.sharding.per_sample`).
 
   Attributes:
     vision: the tower's `VisionConfig` (grid size, layers run).
@@ -54,7 +58,7 @@ class Context:
     fingerprint: uint32[B] exact hash of each input image (seeds per-sample
       randomness independently of batch position).
   """
-  vision: Any
+  vision: Any = flax.struct.field(pytree_node=False)
   aux: Mapping[str, Any]
   text_x: jax.Array | None = None
   text_valid: jax.Array | None = None
