@@ -126,6 +126,14 @@ def keep_visual(state: dict[str, Any], scores: jax.Array, keep: int, *, mask: bo
   return new, chosen
 
 
+def single_drop_counts(method: str, layer: int, kept: int, n_visual: int, num_layers: int, mask: bool) -> list[int]:
+  """Visual tokens entering each layer for a method that drops once before `layer` (dense when masked)."""
+  if mask:  # the checking variant keeps every slot: no saving
+    return [n_visual] * num_layers
+  check_layer(method, layer, num_layers, first=1)
+  return [n_visual if i < layer else kept for i in range(num_layers)]
+
+
 def check_layer(method: str, layer: int, num_layers: int, *, first: int = 0) -> None:
   if not first <= layer < num_layers:
     raise ReductionError(f"{method}: layer={layer} must be in {first}..{num_layers - 1} "

@@ -100,11 +100,7 @@ class DART(Method):
     return min(n, min(self.pivots, n) + 2 * self.pivots * self._per_pivot(n))
 
   def layer_counts(self, n_visual: int, num_layers: int) -> list[int]:
-    if self.mask:  # the checking variant keeps every slot: no saving
-      return [n_visual] * num_layers
-    C.check_layer(self.name, self.layer, num_layers, first=1)
-    k = self.kept(n_visual)
-    return [n_visual if i < self.layer else k for i in range(num_layers)]
+    return C.single_drop_counts(self.name, self.layer, self.kept(n_visual), n_visual, num_layers, self.mask)
 
   def llm_hook(self, text):
     C.check_layer(self.name, self.layer, text.num_layers, first=1)

@@ -35,10 +35,7 @@ class VisualExit(Method):
     return 0
 
   def layer_counts(self, n_visual: int, num_layers: int) -> list[int]:
-    if self.mask:  # the checking variant keeps every slot: no saving
-      return [n_visual] * num_layers
-    C.check_layer(self.name, self.layer, num_layers, first=1)
-    return [n_visual if i < self.layer else 0 for i in range(num_layers)]
+    return C.single_drop_counts(self.name, self.layer, 0, n_visual, num_layers, self.mask)
 
   def llm_hook(self, text):
     C.check_layer(self.name, self.layer, text.num_layers, first=1)

@@ -104,16 +104,12 @@ class Pool(Method):
 
   def reduce(self, tokens: Tokens, ctx):
     g = self._grid(tokens.count, ctx.vision)
-    s = self.stride
-    cells = np.arange(g * g)
-    window = (cells // g // s) * math.ceil(g / s) + (cells % g) // s  # [N] pooled cell of each patch
-    m = math.ceil(g / s) ** 2
+    window, first = P.grid_windows(g, self.stride)  # [N] pooled cell of each patch, [M] top-left patches
+    m = len(first)
     b = tokens.x.shape[0]
-    assign = jnp.broadcast_to(jnp.asarray(window, jnp.int32), (b, g * g))
+    assign = jnp.broadcast_to(jnp.asarray(window), (b, g * g))
     w = tokens.valid.astype(jnp.float32)
-    num, den = P.scatter_sum(tokens.x * w[..., None], w, assign, m)
-    x = (num / jnp.where(den > 0, den, 1.0)[..., None]).astype(tokens.x.dtype)
+    x, den = P.window_mean(tokens.x, w, window, m)
     size, _ = P.scatter_sum(tokens.size[..., None] * w[..., None], w, assign, m)
-    first = np.array([np.min(np.nonzero(window == j)[0]) for j in range(m)], np.int32)
     positions = P.take(tokens.positions, jnp.broadcast_to(jnp.asarray(first), (b, m)))
     return Tokens(x, positions, den > 0, size[..., 0]), {"assign": assign}

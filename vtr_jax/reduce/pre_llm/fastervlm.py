@@ -29,7 +29,8 @@ def importance_extra(vision, layer: int) -> tuple[str, int]:
   return ("cls_attn" if vision.has_cls else "received_attn", layer)
 
 
-def _check_patches(method: str, tokens: Tokens, scores) -> None:
+def check_patch_scores(method: str, tokens: Tokens, scores) -> None:
+  """Raises unless the per-patch scores (float[B, P]) line up with the tokens the method receives."""
   if scores.shape[1] != tokens.count:
     raise ReductionError(f"{method} scores the tower's {scores.shape[1]} patches but receives {tokens.count} "
                          "tokens; put it before methods that change the token count")
@@ -55,7 +56,7 @@ class FasterVLM(Method):
 
   def reduce(self, tokens: Tokens, ctx):
     scores = patch_importance(ctx, -1)
-    _check_patches(self.name, tokens, scores)
+    check_patch_scores(self.name, tokens, scores)
     idx = P.topk_indices(scores, self.kept(tokens.count), tokens.valid)
     return P.gather(tokens, idx), {"index": idx, "scores": scores}
 
@@ -90,6 +91,6 @@ class VTCCLS(Method):
 
   def reduce(self, tokens: Tokens, ctx):
     scores = sum(patch_importance(ctx, layer) for layer in self._layers(ctx.vision))
-    _check_patches(self.name, tokens, scores)
+    check_patch_scores(self.name, tokens, scores)
     idx = P.topk_indices(scores, self.kept(tokens.count), tokens.valid)
     return P.gather(tokens, idx), {"index": idx, "scores": scores}

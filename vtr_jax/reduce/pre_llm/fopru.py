@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from vtr_jax.kernels import ops
 from vtr_jax.reduce import primitives as P
 from vtr_jax.reduce.api import Method, ReductionError, register, resolve_budget
-from vtr_jax.reduce.pre_llm.fastervlm import _check_patches
+from vtr_jax.reduce.pre_llm.fastervlm import check_patch_scores
 from vtr_jax.reduce.tokens import Tokens
 
 STRATEGIES = ("rank", "row")
@@ -120,7 +120,7 @@ class FoPru(Method):
 
   def reduce(self, tokens: Tokens, ctx):
     scores, use_paid = significance(ctx)
-    _check_patches(self.name, tokens, scores)
+    check_patch_scores(self.name, tokens, scores)
     k = self.kept(tokens.count)
     if self.strategy == "rank":
       idx = P.topk_indices(scores, k, tokens.valid)

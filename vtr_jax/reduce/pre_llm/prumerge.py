@@ -62,7 +62,7 @@ import jax.numpy as jnp
 from vtr_jax.kernels import ops
 from vtr_jax.reduce import primitives as P
 from vtr_jax.reduce.api import Method, register, resolve_budget
-from vtr_jax.reduce.pre_llm.fastervlm import _check_patches
+from vtr_jax.reduce.pre_llm.fastervlm import check_patch_scores
 from vtr_jax.reduce.tokens import Tokens
 
 
@@ -178,7 +178,7 @@ class PruMerge(Method):
 
   def reduce(self, tokens: Tokens, ctx):
     attn, keys = one_head_attention(ctx)
-    _check_patches(self.name, tokens, attn)
+    check_patch_scores(self.name, tokens, attn)
     n = tokens.count
     cap = self.cap(n)
     count = jnp.minimum(jnp.sum(iqr_outliers(attn) & tokens.valid, axis=1), cap)  # int32[B]

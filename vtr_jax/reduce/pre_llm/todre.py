@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from vtr_jax.reduce import primitives as P
 from vtr_jax.reduce.api import Method, register, resolve_budget
 from vtr_jax.reduce.pre_llm.divprune import diverse_subset
-from vtr_jax.reduce.pre_llm.fastervlm import _check_patches, importance_extra, patch_importance
+from vtr_jax.reduce.pre_llm.fastervlm import check_patch_scores, importance_extra, patch_importance
 from vtr_jax.reduce.tokens import Tokens
 
 
@@ -58,7 +58,7 @@ class ToDREDiversity(Method):
 
   def reduce(self, tokens: Tokens, ctx):
     scores = patch_importance(ctx, -1)
-    _check_patches(self.name, tokens, scores)
+    check_patch_scores(self.name, tokens, scores)
     first = P.topk_indices(scores, 1, tokens.valid)[:, 0]
     selection = diverse_subset(tokens, self.kept(tokens.count), first)
     idx = jnp.sort(selection, axis=1)

@@ -44,7 +44,7 @@ import numpy as np
 
 from vtr_jax.reduce import primitives as P
 from vtr_jax.reduce.api import Method, ReductionError, register, resolve_budget
-from vtr_jax.reduce.pre_llm.fastervlm import _check_patches, importance_extra
+from vtr_jax.reduce.pre_llm.fastervlm import check_patch_scores, importance_extra
 from vtr_jax.reduce.tokens import Tokens
 
 
@@ -129,7 +129,7 @@ class VisionZip(Method):
     vision = ctx.vision
     adds_cls = vision.has_cls and not vision.keep_cls  # a keep_cls tower hands the class token on itself
     scores = dominant_scores(ctx)
-    _check_patches(self.name, tokens, scores)
+    check_patch_scores(self.name, tokens, scores)
     n = tokens.count
     dominant, contextual = self.split(n)
     idx = P.topk_indices(scores, dominant - int(adds_cls), tokens.valid)
