@@ -4,15 +4,18 @@
 
 Reads config.json, safetensors (single or sharded with
 model.safetensors.index.json) and tokenizer.json from a local directory;
-nothing is downloaded and nothing is unpickled.
+nothing is downloaded and nothing is unpickled. Models without a Hugging
+Face LLaVA layout (the trained compressors: visual registers, crops,
+TokenPacker) are saved and loaded in vtr_jax's own layout (`native`).
 """
 
 from __future__ import annotations
 
 import os
 
-from vtr_jax.convert.hf_llava import (config_from_hf, config_to_hf, convert_tensors, export, load_config,
-                                      load_params, param_shapes, params_to_tensors)
+from vtr_jax.convert.hf_llava import (config_from_hf, config_to_hf, convert_tensors, export, hf_layout_problem,
+                                      load_config, load_params, param_shapes, params_to_tensors)
+from vtr_jax.convert.native import is_native, load_native, save_native
 from vtr_jax.convert.safetensors_io import CheckpointError, load_directory, load_file, save_file
 from vtr_jax.data.tokenizer import Tokenizer
 
@@ -21,7 +24,8 @@ def load(path: str, *, dtype: str | None = None, param_dtype: str | None = None,
   """Loads a checkpoint directory.
 
   Args:
-    path: directory with config.json, *.safetensors and tokenizer.json.
+    path: directory with config.json, *.safetensors and tokenizer.json (or a
+      vtr_jax layout directory with vtr_config.json, see `native`).
     dtype: compute dtype (default: the checkpoint's).
     param_dtype: parameter dtype (default: `dtype`).
     tokenizer: also load tokenizer.json (None is returned when False).
@@ -29,19 +33,30 @@ def load(path: str, *, dtype: str | None = None, param_dtype: str | None = None,
     (VLMConfig, params {'params': ...} of NumPy arrays, Tokenizer or None).
   """
   path = os.path.abspath(os.path.expanduser(path))
-  cfg = load_config(path, dtype=dtype, param_dtype=param_dtype)
-  params = load_params(path, cfg)
+  if is_native(path):
+    cfg, params = load_native(path, dtype=dtype, param_dtype=param_dtype)
+  else:
+    cfg = load_config(path, dtype=dtype, param_dtype=param_dtype)
+    params = load_params(path, cfg)
   tok = Tokenizer.from_directory(path) if tokenizer else None
   return cfg, params, tok
 
 
 def save(path: str, cfg, params, tokenizer: Tokenizer | None = None) -> None:
-  """Writes a checkpoint directory that `load` (and transformers) can read."""
-  export(path, cfg, params)
+  """Writes a checkpoint directory that `load` reads.
+
+  The transformers LLaVA layout (`export`, which transformers loads too) when
+  the model has one; otherwise (registers, crops, TokenPacker) vtr_jax's own
+  layout (`native.save_native`), which transformers cannot load.
+  """
+  if hf_layout_problem(cfg) is None:
+    export(path, cfg, params)
+  else:
+    save_native(path, cfg, params)
   if tokenizer is not None:
     tokenizer.save(path)
 
 
 __all__ = ["CheckpointError", "Tokenizer", "config_from_hf", "config_to_hf", "convert_tensors", "export",
-           "load", "load_config", "load_directory", "load_file", "load_params", "param_shapes",
-           "params_to_tensors", "save", "save_file"]
+           "hf_layout_problem", "load", "load_config", "load_directory", "load_file", "load_native", "load_params",
+           "param_shapes", "params_to_tensors", "save", "save_file", "save_native"]

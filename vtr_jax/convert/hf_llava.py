@@ -221,10 +221,28 @@ def config_from_hf(hf: Mapping[str, Any], preprocessor: Mapping[str, Any] | None
                    name=f"llava-{vkind}-{tkind}")
 
 
+def hf_layout_problem(cfg: VLMConfig) -> str | None:
+  """Why the model has no transformers LLaVA layout (the trained compressors), or None when it has one."""
+  v = cfg.vision
+  if v.num_registers:
+    views = f" in each of {v.num_crops} views" if v.num_crops > 1 else ""
+    return f"the vision tower has {v.num_registers} visual registers{views} (FALCON)"
+  if cfg.projector != "mlp2x_gelu":
+    return f"the projector is {cfg.projector!r}; only mlp2x_gelu has one"
+  return None
+
+
+def check_hf_layout(cfg: VLMConfig) -> None:
+  """Raises CheckpointError naming why the model has no transformers LLaVA layout."""
+  problem = hf_layout_problem(cfg)
+  if problem is not None:
+    raise CheckpointError(f"model {cfg.name!r} has no Hugging Face LLaVA layout: {problem}; vtr_jax.save writes "
+                          "it in vtr_jax's own layout (vtr_config.json + model.safetensors), which vtr_jax.load reads")
+
+
 def config_to_hf(cfg: VLMConfig) -> dict[str, Any]:
   """`VLMConfig` -> a config.json that transformers loads as `LlavaForConditionalGeneration`."""
-  if cfg.projector != "mlp2x_gelu":
-    raise CheckpointError(f"only the mlp2x_gelu projector has a Hugging Face LLaVA layout, not {cfg.projector!r}")
+  check_hf_layout(cfg)
   v, t = cfg.vision, cfg.text
   vision = {"model_type": "clip_vision_model" if v.kind == "clip" else "siglip_vision_model",
             "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
@@ -324,6 +342,7 @@ def convert_tensors(tensors: Mapping[str, np.ndarray], cfg: VLMConfig, *, source
 
 def params_to_tensors(params: Mapping, cfg: VLMConfig) -> dict[str, np.ndarray]:
   """Our params pytree -> HF tensors in the layout transformers saves."""
+  check_hf_layout(cfg)
   flat = flatten(params.get("params", params))
   out = {}
   for path, value in flat.items():

@@ -12,6 +12,16 @@ As in LLaVA, the tower returns the hidden states of a chosen layer
 -2 = penultimate) and runs only the layers it needs. Layers are a Python loop
 so that a reduction method can merge or drop tokens between (and inside)
 blocks; the per-layer extras a method needs are computed only on request.
+
+FALCON's visual registers (Zhang et al. 2025, JiuTian-VL/FALCON) are part of
+the tower: with `num_registers` R > 0, R learnable tokens are appended after
+the patch tokens of every view and attend with them in every block
+(ReCompact), and only the registers' features leave the tower. With `crops`
+c > 1 the input image (side c * S) is split into c x c views of the tower's
+native side S (`split_crops`, plus an optional downscaled whole-image
+`thumbnail`); with `reatten`, every block lets the registers of all views
+of one image attend to each other (ReAtten), so the LLM receives
+`num_crops` * R register tokens per image that each saw the whole image.
 """
 
 from __future__ import annotations
@@ -50,6 +60,16 @@ class VisionConfig:
     keep_cls: keep the class token in the features (`full` in HF) or drop it
       (`default`). Ignored for towers without a class token.
     use_head: SigLIP's attention-pooling head (pooled output only).
+    num_registers: FALCON's visual registers per view (0 = off). With R > 0
+      only the registers' features are handed on: [B, num_crops * R, D].
+    crops: views per side; the input image of side `image_size` is split into
+      crops x crops views of side `crop_size` = image_size / crops, each run
+      through the tower (needs registers: only they leave the tower).
+    thumbnail: add the whole image resized to `crop_size` as a last view
+      (FALCON's global image).
+    reatten: FALCON's register interactive attention in every block: the
+      registers of all views of one image attend to each other (needs
+      registers).
   """
   kind: str = "clip"
   image_size: int = 336
@@ -67,6 +87,10 @@ class VisionConfig:
   image_std: tuple[float, ...] | None = None
   dtype: str = "float32"
   param_dtype: str = "float32"
+  num_registers: int = 0
+  crops: int = 1
+  thumbnail: bool = False
+  reatten: bool = False
 
   def __post_init__(self):
     if self.kind not in ("clip", "siglip"):
@@ -76,22 +100,50 @@ class VisionConfig:
       object.__setattr__(self, "image_mean", CLIP_MEAN if clip else SIGLIP_MEAN)
     if self.image_std is None:
       object.__setattr__(self, "image_std", CLIP_STD if clip else SIGLIP_STD)
-    if self.image_size % self.patch_size:
-      raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+    if self.crops < 1 or self.image_size % self.crops:
+      raise ValueError(f"crops={self.crops} must be >= 1 and divide image_size {self.image_size}")
+    if self.crop_size % self.patch_size:
+      side = (f"image_size {self.image_size}" if self.crops == 1 else
+              f"the crop size {self.crop_size} (image_size {self.image_size} / crops {self.crops})")
+      raise ValueError(f"{side} is not a multiple of patch_size {self.patch_size}")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
     for layer in self.feature_layers:
       if not -(self.num_layers + 1) <= layer <= self.num_layers:
         raise ValueError(f"feature layer {layer} is outside the {self.num_layers + 1} hidden states "
                          f"(0..{self.num_layers} or -1..-{self.num_layers + 1})")
+    if self.num_registers < 0:
+      raise ValueError(f"num_registers={self.num_registers} must be >= 0")
+    if not self.num_registers:
+      needs = [f for f, on in (("crops", self.crops > 1), ("thumbnail", self.thumbnail), ("reatten", self.reatten))
+               if on]
+      if needs:
+        raise ValueError(f"{', '.join(needs)} need visual registers (num_registers > 0): only the registers of "
+                         "the views leave the tower")
+    elif self.keep_cls:
+      raise ValueError(f"keep_cls=True with num_registers={self.num_registers}: only the registers reach the "
+                       "LLM; set keep_cls=False")
+    if self.thumbnail and self.crops == 1:
+      raise ValueError("thumbnail=True needs crops > 1 (with one crop the thumbnail is the image itself)")
 
   @property
   def has_cls(self) -> bool:
     return self.kind == "clip"
 
   @property
+  def crop_size(self) -> int:
+    """Side of one view in pixels: the tower's native input size."""
+    return self.image_size // self.crops
+
+  @property
+  def num_crops(self) -> int:
+    """Views per image: crops x crops sub-images, plus the thumbnail."""
+    return self.crops ** 2 + int(self.thumbnail)
+
+  @property
   def grid(self) -> int:
-    return self.image_size // self.patch_size
+    """Patches per side of one view."""
+    return self.crop_size // self.patch_size
 
   @property
   def num_patches(self) -> int:
@@ -99,12 +151,14 @@ class VisionConfig:
 
   @property
   def num_tokens(self) -> int:
-    """Tokens inside the tower (patches, plus the class token if any)."""
+    """Tokens of one view with position embeddings (patches, plus the class token if any); registers follow."""
     return self.num_patches + int(self.has_cls)
 
   @property
   def num_features(self) -> int:
     """Tokens the tower hands to the projector."""
+    if self.num_registers:
+      return self.num_crops * self.num_registers
     return self.num_patches + int(self.has_cls and self.keep_cls)
 
   @property
@@ -182,7 +236,11 @@ def _layer_norm(cfg: VisionConfig, name: str) -> nn.LayerNorm:
 
 
 class VisionBlock(nn.Module):
-  """Pre-LN transformer block: x + attn(ln1(x)); [hook]; x + mlp(ln2(x))."""
+  """Pre-LN transformer block: x + attn(ln1(x)); [hook]; x + mlp(ln2(x)).
+
+  With `reatten` the attention output of the registers also passes through
+  FALCON's register interaction (`interact_attn`, see `register_interaction`).
+  """
   config: VisionConfig
 
   def setup(self):
@@ -190,6 +248,8 @@ class VisionBlock(nn.Module):
     self.self_attn = VisionAttention(self.config, name="self_attn")
     self.layer_norm2 = _layer_norm(self.config, "layer_norm2")
     self.mlp = VisionMLP(self.config, name="mlp")
+    if self.config.reatten:
+      self.interact_attn = VisionAttention(self.config, name="interact_attn")
 
   def qk(self, x: Array) -> tuple[Array, Array]:
     """This block's q, k for input hidden states x: float[B, T, D]."""
@@ -197,7 +257,26 @@ class VisionBlock(nn.Module):
 
   def attend(self, x: Array, bias: Array | None) -> tuple[Array, Array, Array]:
     out, q, k = self.self_attn(self.layer_norm1(x), bias)
+    if self.config.reatten:
+      out = self.register_interaction(out)
     return x + out, q, k
+
+  def register_interaction(self, out: Array) -> Array:
+    """FALCON's ReAtten on the attention output float[B * V, T + R, D].
+
+    The R registers of the V views of one image form one sequence of V * R
+    tokens that goes through this block's `interact_attn` (no norm in
+    front, as in the reference); the result is added to the registers'
+    attention output, before the block's residual. Patch tokens pass
+    unchanged.
+    """
+    cfg = self.config
+    r, v = cfg.num_registers, cfg.num_crops
+    regs = out[:, -r:]  # [B * V, R, D]
+    bv, _, d = regs.shape
+    mixed, _, _ = self.interact_attn(regs.reshape(bv // v, v * r, d), None)  # [B * V, R, D] -> [B, V * R, D]
+    regs = regs + mixed.reshape(bv, r, d)  # [B, V * R, D] -> [B * V, R, D]
+    return jnp.concatenate([out[:, :-r], regs], axis=1)
 
   def feed_forward(self, x: Array) -> Array:
     return x + self.mlp(self.layer_norm2(x))
@@ -268,22 +347,44 @@ class VisionTower(nn.Module):
       self.class_embedding = self.param("class_embedding", c.param_axes(c.dense_init(), (c.EMBED,)), (d,),
                                         cfg.param_dtype)
       self.pre_layrnorm = _layer_norm(cfg, "pre_layrnorm")
+    if cfg.num_registers:
+      self.registers = self.param("registers", c.param_axes(c.dense_init(), (None, c.EMBED)),
+                                  (cfg.num_registers, d), cfg.param_dtype)
+      if cfg.num_crops > 1:
+        self.crop_embedding = self.param("crop_embedding", c.param_axes(c.dense_init(), (None, c.EMBED)),
+                                         (cfg.num_crops, d), cfg.param_dtype)
     self.layers = [VisionBlock(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.post_layernorm = _layer_norm(cfg, "post_layernorm")
     if cfg.use_head:
       self.head = AttentionPoolingHead(cfg, name="head")
 
   def embed(self, pixels: Array) -> Array:
-    """float[B, S, S, C] -> float[B, T, D] (class token first for CLIP)."""
+    """float[B, S', S', C] -> float[B * V, T + R, D], V views per image (`split_crops`).
+
+    Per view: class token first (CLIP), patches with position embeddings,
+    then the R registers. As in FALCON the registers carry no per-register
+    position embedding (each register is its own learned vector) but, with
+    several views, a learned embedding of their view (FALCON embeds a crop's
+    row and column, averaged, to serve many crop layouts; with one fixed
+    layout a table per view is the same idea). CLIP's pre-LayerNorm covers
+    the registers too (FALCON's CLIP tower appends them before it).
+    """
     cfg = self.config
     check_pixels(cfg, pixels)
-    x = self.patch_embedding(pixels.astype(cfg.dtype))  # [B, S, S, C] -> [B, g, g, D]
+    views = split_crops(pixels.astype(cfg.dtype), cfg)  # [B, S', S', C] -> [B * V, S, S, C]
+    x = self.patch_embedding(views)  # [B * V, S, S, C] -> [B * V, g, g, D]
     b = x.shape[0]
-    x = x.reshape(b, cfg.num_patches, cfg.hidden_size)  # [B, g, g, D] -> [B, P, D]
+    x = x.reshape(b, cfg.num_patches, cfg.hidden_size)  # [B * V, g, g, D] -> [B * V, P, D]
     if cfg.has_cls:
       cls = jnp.broadcast_to(self.class_embedding.astype(x.dtype), (b, 1, cfg.hidden_size))
-      x = jnp.concatenate([cls, x], axis=1)  # [B, 1 + P, D]
+      x = jnp.concatenate([cls, x], axis=1)  # [B * V, 1 + P, D]
     x = x + self.position_embedding.astype(x.dtype)[None]
+    if cfg.num_registers:
+      regs = self.registers.astype(x.dtype)[None]  # [1, R, D]
+      if cfg.num_crops > 1:
+        regs = regs + self.crop_embedding.astype(x.dtype)[:, None]  # [V, R, D]
+      regs = jnp.tile(regs, (b // regs.shape[0], 1, 1))  # [B * V, R, D], views of one image together
+      x = jnp.concatenate([x, regs], axis=1)  # [B * V, T + R, D]
     if cfg.has_cls:
       x = self.pre_layrnorm(x)
     return x
@@ -314,8 +415,11 @@ class VisionTower(nn.Module):
             heads and query rows.
           qk: (q, k) float[B, T, N, H].
       hook: optional `BlockHook` (token merging inside blocks).
+    Extras and hooks need the patch grid: a tower with registers refuses them.
     Returns:
-      (features float[B, P(+1), D * len(feature_layers)], aux) with aux keys
+      (features float[B, P(+1), D * len(feature_layers)], or the registers
+      float[B, V * R, D * len(feature_layers)] (view-major) when the tower has
+      them, aux) with aux keys
       `vision/<name>/<layer>`, `vision/cls_feature` float[B, D * layers] (the
       class token's features, towers with one), `vision/size` float[B, T] when
       a hook ran, and the hook's own entries under `vision/hook/...` (tower
@@ -323,6 +427,10 @@ class VisionTower(nn.Module):
     """
     cfg = self.config
     run = cfg.layers_run
+    if cfg.num_registers and (extras or hook is not None):
+      raise ValueError(f"vision extras {sorted(extras)} / in-block hooks are not available for a tower with "
+                       f"num_registers={cfg.num_registers}: its features are the registers, not the patch grid; "
+                       "act on the registers at the embed stage (name@embed) instead")
     wanted = {}
     for name, layer in extras:
       if name not in EXTRA_NAMES:
@@ -365,7 +473,11 @@ class VisionTower(nn.Module):
     if hook is not None and len({f.shape[1] for f in feats}) > 1:
       raise ValueError(f"feature layers {cfg.feature_layers} hold different token counts after in-block "
                        "merging; use a single feature layer with a merging method")
-    if cfg.has_cls:
+    if cfg.num_registers:  # ReCompact: only the registers leave the tower
+      b = pixels.shape[0]
+      feats = [f[:, -cfg.num_registers:].reshape(b, cfg.num_features, cfg.hidden_size) for f in feats]
+      # [B * V, R, D] -> [B, V * R, D]
+    elif cfg.has_cls:
       aux["vision/cls_feature"] = jnp.concatenate([f[:, 0] for f in feats], axis=-1)
       if not cfg.keep_cls:
         feats = [f[:, 1:] for f in feats]
@@ -389,6 +501,25 @@ class VisionTower(nn.Module):
       elif name == "received_attn":
         probs = c.masked_softmax(c.attention_logits(q, k), None)  # [B, N, T, T]
         aux[key] = probs.mean(axis=(1, 2))
+
+
+def split_crops(pixels: Array, config: VisionConfig) -> Array:
+  """The tower's views of each image: float[B, c*S, c*S, C] -> float[B * V, S, S, C].
+
+  The c x c crops in raster order, then (with `thumbnail`) the whole image
+  resized to S x S (antialiased bilinear), views of one image consecutive.
+  With crops == 1 the pixels are returned as they are.
+  """
+  c, s = config.crops, config.crop_size
+  if c == 1:
+    return pixels
+  b, ch = pixels.shape[0], pixels.shape[-1]
+  views = pixels.reshape(b, c, s, c, s, ch).transpose(0, 1, 3, 2, 4, 5)  # [B, cS, cS, C] -> [B, c, c, S, S, C]
+  views = views.reshape(b, c * c, s, s, ch)  # -> [B, c*c, S, S, C]
+  if config.thumbnail:
+    thumb = jax.image.resize(pixels, (b, s, s, ch), method="bilinear", antialias=True)
+    views = jnp.concatenate([views, thumb[:, None].astype(views.dtype)], axis=1)  # [B, V, S, S, C]
+  return views.reshape(b * config.num_crops, s, s, ch)
 
 
 def check_pixels(config: VisionConfig, pixels) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 from vtr_jax import sharding
 from vtr_jax.models import common as c
 from vtr_jax.models.decoder import BoundaryHook, Decoder, DecoderConfig, KVCache
-from vtr_jax.models.projector import Projector
+from vtr_jax.models.projector import TokenPacker, make_projector, packed_grid
 from vtr_jax.models.vit import VisionConfig, VisionTower, check_pixels
 from vtr_jax.reduce.api import Context, Plan, parse
 from vtr_jax.reduce.primitives import fingerprint
@@ -40,8 +40,10 @@ class VLMConfig:
   """A whole model.
 
   Attributes:
-    vision, text: the tower's and the decoder's geometry.
-    projector: `mlp2x_gelu` or `linear`.
+    vision, text: the tower's and the decoder's geometry (the tower may carry
+      FALCON's visual registers: then its features are the registers).
+    projector: `mlp2x_gelu`, `linear`, or `tokenpacker[:scale=s]` (packs each
+      s x s region of the patch grid into one token).
     image_token_id: the placeholder id in prompts (one per sample).
     pad_token_id: id used to fill padding and finished sequences.
     eos_token_ids: generation stops for a sample after any of these.
@@ -54,8 +56,22 @@ class VLMConfig:
   eos_token_ids: tuple[int, ...] = (2,)
   name: str = "llava"
 
+  def __post_init__(self):
+    packed_grid(self.projector, self.vision)  # raises for an unknown or ill-fitting projector
+
   @property
   def num_image_tokens(self) -> int:
+    """Visual tokens the LLM receives for one image without a reduction plan."""
+    side = packed_grid(self.projector, self.vision)
+    return self.vision.num_features if side is None else side * side
+
+  @property
+  def image_positions(self) -> int:
+    """Position ids one image spans under the `keep` policy: the tower's feature tokens.
+
+    Visual token positions index the tower's features (patches, or registers),
+    so a packed token (TokenPacker) sits at its region's top-left patch.
+    """
     return self.vision.num_features
 
 
@@ -129,8 +145,8 @@ class VLM(nn.Module):
   def setup(self):
     cfg = self.config
     self.vision = VisionTower(cfg.vision, name="vision")
-    self.projector = Projector(cfg.projector, cfg.text.hidden_size, cfg.text.dtype, cfg.text.param_dtype,
-                               name="projector")
+    self.projector = make_projector(cfg.projector, cfg.vision, cfg.text.hidden_size, cfg.text.dtype,
+                                    cfg.text.param_dtype, name="projector")
     self.decoder = Decoder(cfg.text, name="decoder")
 
   def encode_image(self, pixels: Array, *, reduction: str | Plan | None = None,
@@ -145,7 +161,8 @@ class VLM(nn.Module):
     Returns:
       (Tokens with x float[B, K, D], aux). aux adds `reduce/<method>/...`
       entries and `reduce/positions` int32[B, K] (which original patch each
-      surviving token stands for; -1 = class token).
+      surviving token stands for, -1 = class token; for a tower with
+      registers, which register; for TokenPacker, the region's top-left patch).
     """
     cfg = self.config
     vcfg = cfg.vision
@@ -176,7 +193,10 @@ class VLM(nn.Module):
     for m in vision_methods:
       tokens, method_aux = sharding.per_sample(m.reduce)(tokens, ctx)
       aux.update({f"reduce/{m.name}/{k}": v for k, v in method_aux.items()})
-    tokens = tokens.replace(x=self.projector(tokens.x))
+    if isinstance(self.projector, TokenPacker):  # regions of the grid -> one token each
+      tokens = self.projector.pack(tokens)
+    else:
+      tokens = tokens.replace(x=self.projector(tokens.x))
     if cls is not None:
       cls = cls.replace(x=self.projector(cls.x))
     for m in embed_methods:
@@ -218,7 +238,7 @@ class VLM(nn.Module):
     vis, aux = self.encode_image(pixels, reduction=plan, text=(text_x, valid, image_slot))
     vis = vis.replace(x=c.constrain(vis.x, seq))
     layout = assemble(text_x, valid, image_slot, vis, keep_positions=plan.keep_positions,
-                      num_original=self.config.num_image_tokens)
+                      num_original=self.config.image_positions)
     aux.update({"prompt/visual": layout.visual, "prompt/valid": layout.valid,
                 "prompt/positions": layout.positions})
     extras = {"visual": layout.visual, "n_visual": vis.count, "tok/patch": layout.patch}
@@ -235,7 +255,7 @@ class VLM(nn.Module):
   def layout(self, tokens: Array, valid: Array, vis: Tokens, *, keep_positions: bool) -> PromptLayout:
     image_slot = jnp.argmax(tokens == self.config.image_token_id, axis=1)
     return assemble(self.decoder.embed(tokens), valid, image_slot, vis, keep_positions=keep_positions,
-                    num_original=self.config.num_image_tokens)
+                    num_original=self.config.image_positions)
 
   def decode_step(self, tokens: Array, cache: KVCache) -> tuple[Array, KVCache]:
     """int32[B] -> (logits float32[B, V], cache)."""

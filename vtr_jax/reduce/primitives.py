@@ -7,8 +7,11 @@ compiled program serves every input.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vtr_jax.kernels import ops
 from vtr_jax.reduce.tokens import Tokens
@@ -85,6 +88,38 @@ def scatter_sum(src_x: Array, src_w: Array, assign: Array, m: int) -> tuple[Arra
   num = jnp.zeros((b, m, src_x.shape[-1]), jnp.float32).at[rows, assign].add(src_x.astype(jnp.float32))
   den = jnp.zeros((b, m), jnp.float32).at[rows, assign].add(src_w.astype(jnp.float32))
   return num, den
+
+
+def grid_windows(grid: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+  """Average-pooling windows (size and stride s) over a g x g grid in raster order.
+
+  The pooled grid is ceil(g/s) x ceil(g/s); windows at the border cover only
+  the cells inside the grid.
+
+  Returns:
+    (window int32[g*g]: the pooled cell of each grid cell, raster order;
+     first int32[M]: each pooled cell's top-left grid cell), M = ceil(g/s)^2.
+  """
+  side = math.ceil(grid / stride)
+  cells = np.arange(grid * grid)
+  window = (cells // grid // stride) * side + (cells % grid) // stride
+  first = np.array([np.min(np.nonzero(window == j)[0]) for j in range(side * side)])
+  return window.astype(np.int32), first.astype(np.int32)
+
+
+def window_mean(x: Array, weight: Array, window: np.ndarray, m: int) -> tuple[Array, Array]:
+  """Weighted mean of x over static windows.
+
+  Args:
+    x: float[B, N, D]; weight: float[B, N] (0 leaves a token out).
+    window: int[N] the window of each token; m: number of windows.
+  Returns:
+    (mean float[B, m, D] in x's dtype (0 where a window has no weight),
+     total weight float32[B, m]).
+  """
+  assign = jnp.broadcast_to(jnp.asarray(window, jnp.int32), weight.shape)
+  num, den = scatter_sum(x * weight[..., None], weight, assign, m)
+  return (num / jnp.where(den > 0, den, 1.0)[..., None]).astype(x.dtype), den
 
 
 def nearest_centre(x: Array, centres: Array, *, metric: str = "cosine", centre_valid: Array | None = None):
