@@ -173,6 +173,7 @@ class VLM(nn.Module):
     if hook is not None:  # selections run per device on its own samples (no cross-device gathers)
       hook = dataclasses.replace(hook, fn=sharding.per_sample(hook.fn))
     feats, aux = self.vision(pixels, extras=extras, hook=hook)
+    aux["vision/features"] = feats  # the tower's output before any reduction (training supervision reads it)
     n_cls = int(vcfg.has_cls)
     b, t = feats.shape[:2]
     if hook is not None and "vision/hook/positions" in aux:
