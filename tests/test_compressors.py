@@ -430,3 +430,20 @@ def test_compressor_trains_end_to_end(tmp_path, variant):
   assert cfg.num_image_tokens == {"falcon_crops": 5, "tokenpacker": 4, "llavolta": 17}[variant]
   assert os.path.exists(tmp_path / "export" / ("config.json" if variant == "llavolta" else "vtr_config.json"))
   assert set(params["params"]) == {"vision", "projector", "decoder"} and tok.vocab_size == cfg.text.vocab_size
+
+
+@pytest.mark.parametrize("variant", ["tokenpacker", "falcon", "falcon_crops"])
+def test_flops_kv_slots_match_the_cache(variant):
+  """flops.py counts the tokens these models hand to the LLM (registers x views, packed regions)."""
+  c = shapes_tiny.get_config(f"test,{variant}")
+  tok = vqa.tokenizer()
+  cfg = training.model_config(c, tok)
+  params = training.init_params(VLM(cfg), cfg, 0)
+  toks, valid = pad_prompts([tok.encode("<image> question : what colour is the star ? answer :")] * 2,
+                            tok.pad_token_id)
+  s = cfg.vision.image_size
+  _, cache, _ = VLM(cfg).apply(params, np.zeros((2, s, s, 3), np.float32), toks, valid, cache_extra=0,
+                               method=VLM.prefill)
+  cost = flops.prefill_cost(cfg, None, text_tokens=toks.shape[1] - 1, batch=2, bytes_per_element=4)
+  assert [lc.k.shape[1] for lc in cache.layers] == list(cost.kv_slots)
+  assert cost.visual_tokens[0] == cfg.num_image_tokens and cost.projector > 0

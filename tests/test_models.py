@@ -204,3 +204,12 @@ def test_batch_equals_single(model_and_params):
     one = generate(model, params, px[i:i + 1], t1, v1, max_new_tokens=6, return_logits=True)
     np.testing.assert_array_equal(np.asarray(batch.tokens[i]), np.asarray(one.tokens[0]))
     np.testing.assert_allclose(np.asarray(batch.logits[i]), np.asarray(one.logits[0]), atol=2e-5)
+
+
+def test_siglip_without_head_initialises():
+  """transformers' vision_use_head=False: no attention-pooling head, init still creates every norm."""
+  cfg = small_config("siglip").vision
+  import dataclasses
+  tower = VisionTower(dataclasses.replace(cfg, use_head=False))
+  params = tower.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  assert "head" not in params and "post_layernorm" in params

@@ -15,9 +15,13 @@ bytes per element, per layer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from vtr_jax.models.projector import make_projector, packed_grid
 from vtr_jax.models.vlm import VLMConfig
 from vtr_jax.reduce import Plan, parse
 
@@ -72,6 +76,21 @@ def _vision_block(n_attn: int, n_mlp: int, cfg) -> float:
   return 8 * n_attn * d * d + 4 * n_attn * n_attn * d + 4 * n_mlp * d * cfg.intermediate_size
 
 
+@functools.lru_cache(maxsize=256)
+def _projector_flops(cfg: VLMConfig, tokens: int) -> float:
+  """FLOPs of the projector on `tokens` input tokens: closed form for the per-token MLPs, XLA's cost
+  analysis of the compiled module for the others (TokenPacker's region attention)."""
+  d_in, d = cfg.vision.feature_dim, cfg.text.hidden_size
+  if cfg.projector in ("linear", "mlp2x_gelu"):
+    return tokens * (2 * d_in * d + (2 * d * d if cfg.projector == "mlp2x_gelu" else 0))
+  proj = make_projector(cfg.projector, cfg.vision, d, "float32", "float32", name="projector")
+  x = jax.ShapeDtypeStruct((1, tokens, d_in), jnp.float32)
+  params = jax.eval_shape(proj.init, jax.random.key(0), x)
+  cost = jax.jit(proj.apply).lower(params, x).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
+
+
 def _decode_layer(cache_len: int, cfg) -> float:
   d, hd = cfg.hidden_size, cfg.dim_per_head
   dq, dkv = cfg.num_heads * hd, cfg.num_kv_heads * hd
@@ -91,11 +110,12 @@ def prefill_cost(cfg: VLMConfig, plan: str | Plan | None = None, *, text_tokens:
   """
   plan = parse(plan)
   v, t = cfg.vision, cfg.text
-  n = v.num_patches
+  n = v.num_patches  # what vision-stage methods see: the patches of one view
   n_cls = int(v.has_cls)
-  run = v.layers_run
-  vision_tokens = [n + n_cls] * run
-  tower_out = n + n_cls
+  views = v.num_crops
+  per_view = n + n_cls + v.num_registers
+  vision_tokens = [per_view] * v.layers_run
+  tower_out = per_view
   for m in plan.at("vision"):
     counts = m.vision_counts(v)
     if counts is not None:  # merging inside the blocks (ToMe)
@@ -103,13 +123,19 @@ def prefill_cost(cfg: VLMConfig, plan: str | Plan | None = None, *, text_tokens:
     n = m.kept(n)
   patch_flops = 2 * v.num_patches * v.patch_size ** 2 * v.num_channels * v.hidden_size
   after_merge = vision_tokens[1:] + [tower_out]  # the MLP runs on the tokens left after merging
-  vision = patch_flops + sum(_vision_block(a, b, v) for a, b in zip(vision_tokens, after_merge))
-  d_in = v.feature_dim
-  projector_per_token = 2 * d_in * t.hidden_size + (2 * t.hidden_size ** 2 if cfg.projector == "mlp2x_gelu" else 0)
-  projector = projector_per_token * (n + (n_cls if v.keep_cls else 0))
+  vision = views * (patch_flops + sum(_vision_block(a, b, v) for a, b in zip(vision_tokens, after_merge)))
+  if v.reatten:  # FALCON's register interaction: attention over all views' registers, every block
+    r = views * v.num_registers
+    vision += v.layers_run * (8 * r * v.hidden_size ** 2 + 4 * r * r * v.hidden_size)
+  side = packed_grid(cfg.projector, v)
+  if v.num_registers:
+    n = v.num_features
+  projector = _projector_flops(cfg, n + (n_cls if (v.keep_cls and not v.num_registers) else 0))
+  if side is not None:
+    n = side * side
   for m in plan.at("embed"):
     n = m.kept(n)
-  n_llm = n + (n_cls if v.keep_cls else 0)
+  n_llm = n + (n_cls if (v.keep_cls and not v.num_registers) else 0)
   visual = [n_llm] * t.num_layers
   for m in plan.at("llm"):
     visual = [min(a, b) for a, b in zip(visual, m.layer_counts(n_llm, t.num_layers))]

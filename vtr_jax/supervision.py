@@ -88,14 +88,24 @@ class AuxHeads(nn.Module):
     return out
 
 
+def check_supported(vision) -> None:
+  """Raises unless the tower hands on per-patch features of one view (what the labels describe)."""
+  if vision.num_registers or vision.crops != 1:
+    raise ValueError(f"auxiliary scene supervision labels patches of one view, but this tower hands on "
+                     f"{vision.num_registers} registers per view over {vision.num_crops} views; "
+                     "set train.aux_weight=0 for register (FALCON) models")
+
+
 def split_features(features: jax.Array, cls_feature: jax.Array | None, vision) -> tuple[jax.Array, jax.Array]:
   """(patch features float[B, P, D], class-token features float[B, D] or None)."""
+  check_supported(vision)
   if vision.has_cls and vision.keep_cls:
     return features[:, 1:], features[:, 0]
   return features, cls_feature
 
 
 def init_heads(vision, seed: int):
+  check_supported(vision)
   p = jnp.zeros((1, vision.num_patches, vision.feature_dim))
   cls = jnp.zeros((1, vision.feature_dim)) if vision.has_cls else None
   return AuxHeads().init(jax.random.key(seed + 1), p, cls)

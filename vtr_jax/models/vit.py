@@ -394,9 +394,12 @@ class VisionTower(nn.Module):
     return self.layers[layer].qk(x)
 
   def pooled(self, x: Array) -> Array:
-    """Pooled output of the last hidden states: CLIP's class token, SigLIP's head."""
+    """Pooled output of the last hidden states: CLIP's class token, SigLIP's head (without a head,
+    as transformers' `vision_use_head=False`, the normed tokens themselves)."""
     if self.config.has_cls:
       return self.post_layernorm(x[:, 0])
+    if not self.config.use_head:
+      return self.post_layernorm(x)
     return self.head(self.post_layernorm(x))
 
   def __call__(self, pixels: Array, *, extras: frozenset = frozenset(),
