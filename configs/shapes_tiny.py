@@ -38,6 +38,8 @@ composable with `test`:
 
 import ml_collections
 
+from vtr_jax import sharding
+
 COMPRESSORS = ("falcon", "falcon_crops", "tokenpacker", "llavolta")
 
 
@@ -57,12 +59,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(workers=1, train_examples=0, val_examples=350))
   c.optim = ml_collections.ConfigDict(dict(lr=1e-3, warmup=300, b1=0.9, b2=0.98, weight_decay=0.05, clip=1.0,
                                            final_lr_fraction=0.05))
-  c.train = ml_collections.ConfigDict(dict(steps=6000, batch_size=32, log_every=25, eval_every=250,
+  c.train = ml_collections.ConfigDict(dict(steps=15000, batch_size=32, log_every=25, eval_every=500,
                                            checkpoint_every=250, keep_checkpoints=2, trainable="all",
                                            # a reduction string, or a schedule 'until:spec|...|spec'
                                            reduction="", query_rows=False,
                                            # training-only scene supervision of the tower (vtr_jax.supervision)
                                            aux_weight=1.0))
+  # Device mesh (data, fsdp, tensor) over every device of every process; -1 takes the devices left.
+  # Rules map logical axis names to mesh axes (vtr_jax.sharding). E.g. --config.mesh.shape="(2,2,2)".
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=sharding.DEFAULT_RULES))
   variants = set((arg or "").split(",")) - {""}
   if "test" in variants:
     c.model.vision.update(image_size=64, patch_size=16, hidden_size=32, intermediate_size=64, num_layers=2,
