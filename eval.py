@@ -3,15 +3,17 @@ r"""Evaluate a VLM under every reduction method at three budgets.
   python eval.py                      # the shipped model on the bundled test split, all methods
   python eval.py --methods=fastv,visionzip --budgets=0.25 --num_examples=700
   python eval.py --checkpoint=/path/to/hf_llava_dir --dataset=/path/to/local_vqa --columns=answer=fullAnswer
+  python eval.py --mesh=2,1,4         # data x fsdp x tensor over every device
 
 Prints a table and writes results.json, results.csv and accuracy_vs_flops.png to --outdir.
+Several processes: as train.py (--coordinator, --num_processes, --process_id; docs/multihost.md).
 """
 
 import os
 
 from absl import app, flags, logging
 
-from vtr_jax import evaluation
+from vtr_jax import evaluation, sharding
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory (default: the shipped model).")
 _DATASET = flags.DEFINE_string("dataset", "bundled", "'bundled' or a local dataset directory / file.")
@@ -20,19 +22,24 @@ _COLUMNS = flags.DEFINE_string("columns", "", "Column mapping for local data: na
 _NUM = flags.DEFINE_integer("num_examples", 490, "Examples to evaluate (0: the whole split).")
 _METHODS = flags.DEFINE_list("methods", [], "Methods to evaluate (default: every registered method).")
 _BUDGETS = flags.DEFINE_list("budgets", ["0.5", "0.25", "0.125"], "Fractions of the visual tokens to keep.")
-_BATCH = flags.DEFINE_integer("batch_size", 70, "Batch size (one compiled shape).")
+_BATCH = flags.DEFINE_integer("batch_size", 70, "Batch size (one compiled shape; rounded up to the data devices).")
 _OUTDIR = flags.DEFINE_string("outdir", "outputs/eval", "Where results.json/.csv and the plot go.")
+_MESH = flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh shape data,fsdp,tensor (-1: the devices left).")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   columns = dict(kv.split("=", 1) for kv in _COLUMNS.value.split(",") if kv) if _COLUMNS.value else None
   evaluation.main(checkpoint=_CHECKPOINT.value, dataset=_DATASET.value, split=_SPLIT.value, columns=columns,
                   num_examples=_NUM.value, methods=_METHODS.value or None,
                   budgets=[float(b) for b in _BUDGETS.value], batch_size=_BATCH.value,
-                  outdir=os.path.abspath(_OUTDIR.value))
+                  outdir=os.path.abspath(_OUTDIR.value), mesh_shape=tuple(int(s) for s in _MESH.value))
 
 
 if __name__ == "__main__":

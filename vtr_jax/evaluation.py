@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -34,8 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vtr_jax import flops as F
+from vtr_jax import sharding
 from vtr_jax.data import vqa
 from vtr_jax.data.tokenizer import Tokenizer
+from vtr_jax.models import common as c
 from vtr_jax.models.vlm import VLM, VLMConfig
 from vtr_jax.reduce import ReductionError, parse, registry
 
@@ -98,53 +101,101 @@ class Result:
   peak_memory_mb: float
 
 
-def _predict_fn(model: VLM, spec: str):
+# ---- the model on a mesh -------------------------------------------------------------------------
+def init_inputs(cfg: VLMConfig, seed: int = 0) -> tuple:
+  """(key, pixels, tokens, valid): a one-sample example for `VLM.init` (shapes of the parameters only)."""
+  s = cfg.vision.image_size
+  tokens = jnp.array([[cfg.image_token_id, cfg.pad_token_id]], jnp.int32)
+  return jax.random.key(seed), jnp.zeros((1, s, s, 3)), tokens, jnp.ones((1, 2), bool)
+
+
+def param_shardings(model: VLM, mesh, rules: sharding.Rules):
+  """NamedShardings of the model's parameters on `mesh`, from their logical names (nothing allocated)."""
+  return sharding.logical_shardings(jax.eval_shape(model.init, *init_inputs(model.config)), mesh, rules)
+
+
+def placed(model: VLM, params, mesh, rules: sharding.Rules):
+  """`params` (host arrays, or arrays on devices) laid out in their shardings on `mesh`."""
+  return sharding.put(params, param_shardings(model, mesh, rules))
+
+
+@functools.lru_cache(maxsize=64)
+def predictor(model: VLM, spec: str, mesh, rules: sharding.Rules, batch_size: int):
+  """jit(params, pixels, tokens, valid) -> (answer token int32[B], valid visual tokens int32[B]).
+
+  Parameters and inputs are sharded (batch over the batch axes); the two
+  small results come back replicated, so every process reads all of them.
+  """
   plan = parse(spec)
 
   def run(params, pixels, tokens, valid):
-    logits, _, aux = model.apply(params, pixels, tokens, valid, reduction=plan, last_only=True,
-                                 method=VLM.prefill)
-    return jnp.argmax(logits, axis=-1), jnp.sum(aux["reduce/valid"], axis=1)
+    with sharding.activate(mesh, rules):
+      logits, _, aux = model.apply(params, pixels, tokens, valid, reduction=plan, last_only=True,
+                                   method=VLM.prefill)
+      return jnp.argmax(logits, axis=-1), jnp.sum(aux["reduce/valid"], axis=1)
 
-  return jax.jit(run)
+  batch = sharding.batch_sharding(mesh, rules, batch_size)
+  return jax.jit(run, in_shardings=(param_shardings(model, mesh, rules), batch, batch, batch),
+                 out_shardings=sharding.replicated(mesh))
 
 
-def _batches(rows, tok: Tokenizer, cfg: VLMConfig, batch_size: int) -> list[vqa.PromptBatch]:
+def batch_size_for(requested: int, mesh, rules: sharding.Rules) -> int:
+  """`requested` rounded up to a multiple of the devices the batch splits over."""
+  n = math.prod(mesh.shape[a] for a in dict(rules).get(c.ACT_BATCH, ()))
+  return -(-requested // n) * n
+
+
+def prompt_batches(rows, tok: Tokenizer, cfg: VLMConfig, batch_size: int, mesh, rules: sharding.Rules
+                   ) -> list[dict[str, jax.Array]]:
+  """Global batches of `rows` ({'pixels', 'tokens', 'valid', 'answers'}), the last padded by repeating a row.
+
+  Each process makes the inputs of its own rows of every batch only
+  (`sharding.process_rows`).
+  """
+  split = sharding.batch_sharding(mesh, rules, batch_size)
+  mine = sharding.process_rows(split, batch_size)
   out = []
   for i in range(0, len(rows), batch_size):
-    chunk = [rows[j] for j in range(i, min(i + batch_size, len(rows)))]
-    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one shape: one compile
-    out.append(vqa.prompt_batch(chunk, tok, cfg.vision, length=vqa.PROMPT_LENGTH))
+    index = [min(i + j, len(rows) - 1) for j in mine]  # one shape: one compile
+    b = vqa.prompt_batch([rows[j] for j in index], tok, cfg.vision, length=vqa.PROMPT_LENGTH)
+    local = {"pixels": b.pixels, "tokens": b.tokens, "valid": b.valid, "answers": b.answer_ids}
+    out.append(sharding.global_batch(local, split, batch_size))
   return out
 
 
-def measure(model: VLM, params, batches: Sequence[vqa.PromptBatch], n_rows: int, spec: str, *,
-            timing_runs: int = 3) -> tuple[np.ndarray, float, float, float]:
+# ---- measuring ---------------------------------------------------------------------------------
+def measure(model: VLM, params, batches: Sequence[dict[str, jax.Array]], n_rows: int, spec: str, *, mesh,
+            rules: sharding.Rules, timing_runs: int = 3) -> tuple[np.ndarray, float, float, float]:
   """(predictions int32[n_rows], mean valid visual tokens entering the LLM, median latency of one batch
-  in ms, peak memory in MB)."""
-  fn = _predict_fn(model, spec)
+  in ms, peak memory per device in MB). `params` are already placed (`placed`)."""
   b0 = batches[0]
-  compiled = fn.lower(params, b0.pixels, b0.tokens, b0.valid).compile()
+  fn = predictor(model, spec, mesh, sharding.normalize_rules(rules), b0["tokens"].shape[0])
+  compiled = fn.lower(params, b0["pixels"], b0["tokens"], b0["valid"]).compile()
   mem = compiled.memory_analysis()
   peak = 0.0
   if mem is not None:
     peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
             - mem.alias_size_in_bytes) / 2 ** 20
-  outs = [compiled(params, b.pixels, b.tokens, b.valid) for b in batches]
-  preds = np.concatenate([np.asarray(p) for p, _ in outs])[:n_rows]
-  tokens = float(np.concatenate([np.asarray(c) for _, c in outs])[:n_rows].mean())
+  outs = sharding.fetch([compiled(params, b["pixels"], b["tokens"], b["valid"]) for b in batches])
+  preds = np.concatenate([p for p, _ in outs])[:n_rows]
+  tokens = float(np.concatenate([c for _, c in outs])[:n_rows].mean())
   times = []
   for _ in range(timing_runs):
     t0 = time.perf_counter()
-    jax.block_until_ready(compiled(params, b0.pixels, b0.tokens, b0.valid))
+    jax.block_until_ready(compiled(params, b0["pixels"], b0["tokens"], b0["valid"]))
     times.append(time.perf_counter() - t0)
   return preds, tokens, 1e3 * float(np.median(times)), peak
 
 
 def evaluate(model: VLM, params, rows, tok: Tokenizer, *, methods: Sequence[str] | None = None,
              budgets: Sequence[float] = DEFAULT_BUDGETS, batch_size: int = 50, progress: bool = True,
-             log: Callable[[str], None] = print) -> list[Result]:
-  """The full model, then every method at every budget, on `rows` (a list or datasets.Dataset)."""
+             log: Callable[[str], None] = print, mesh=None,
+             rules: sharding.Rules = sharding.DEFAULT_RULES) -> list[Result]:
+  """The full model, then every method at every budget, on `rows` (a list or datasets.Dataset).
+
+  On `mesh` (default: every device, data parallel) with `rules`; the batch
+  size is rounded up to a multiple of the devices the batch splits over.
+  """
   from tqdm import tqdm
 
   cfg = model.config
@@ -152,8 +203,11 @@ def evaluate(model: VLM, params, rows, tok: Tokenizer, *, methods: Sequence[str]
   unknown = [m for m in methods if m not in registry()]
   if unknown:
     raise ReductionError(f"unknown methods {unknown}; known: {', '.join(registry())}")
-  batches = _batches(rows, tok, cfg, batch_size)
-  answers = np.concatenate([b.answer_ids for b in batches])[:len(rows)]
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  rules = sharding.normalize_rules(rules)
+  params = placed(model, params, mesh, rules)
+  batches = prompt_batches(rows, tok, cfg, batch_size_for(batch_size, mesh, rules), mesh, rules)
+  answers = np.concatenate(sharding.fetch([b["answers"] for b in batches]))[:len(rows)]
   families = np.array([rows[i]["family"] for i in range(len(rows))])
   text_tokens = vqa.PROMPT_LENGTH - 1
   full_cost = F.prefill_cost(cfg, None, text_tokens=text_tokens)
@@ -173,7 +227,7 @@ def evaluate(model: VLM, params, rows, tok: Tokenizer, *, methods: Sequence[str]
   for method, budget, spec in tqdm(jobs, desc="eval", disable=not progress, dynamic_ncols=True):
     try:
       cost = F.prefill_cost(cfg, spec, text_tokens=text_tokens)
-      pred, n_visual, latency, peak = measure(model, params, batches, len(rows), spec)
+      pred, n_visual, latency, peak = measure(model, params, batches, len(rows), spec, mesh=mesh, rules=rules)
     except ReductionError as e:
       log(f"skipping {spec}: {e}")
       continue
@@ -278,8 +332,13 @@ def load_rows(dataset: str, split: str, num_examples: int, cfg: VLMConfig, colum
 
 def main(*, checkpoint: str | None = None, dataset: str = "bundled", split: str = "test", columns=None,
          num_examples: int = 490, methods=None, budgets=DEFAULT_BUDGETS, batch_size: int = 70,
-         outdir: str = "outputs/eval", progress: bool = True) -> list[Result]:
-  """Loads, evaluates, prints the table and writes the outputs (what eval.py runs)."""
+         outdir: str = "outputs/eval", progress: bool = True, mesh_shape=(-1, 1, 1),
+         rules: sharding.Rules = sharding.DEFAULT_RULES) -> list[Result]:
+  """Loads, evaluates, prints the table and writes the outputs (what eval.py runs).
+
+  The model runs on a (data, fsdp, tensor) mesh of `mesh_shape` over every
+  device of every process; with several processes, process 0 prints and writes.
+  """
   import vtr_jax
   path = checkpoint or SHIPPED
   if not os.path.isdir(path):
@@ -288,13 +347,19 @@ def main(*, checkpoint: str | None = None, dataset: str = "bundled", split: str 
         if checkpoint is None else ""))
   cfg, params, tok = vtr_jax.load(path)
   rows = load_rows(dataset, split, num_examples, cfg, columns)
-  print(f"model {cfg.name} from {path}: {cfg.vision.num_patches} visual tokens per image; "
-        f"{len(rows)} examples of {dataset}/{split}; device {jax.devices()[0].platform}")
+  mesh = sharding.make_mesh(mesh_shape)
+  lead = jax.process_index() == 0
+  say = print if lead else (lambda *_: None)
+  say(f"model {cfg.name} from {path}: {cfg.vision.num_patches} visual tokens per image; "
+      f"{len(rows)} examples of {dataset}/{split}; {jax.device_count()} {jax.devices()[0].platform} devices, "
+      f"mesh {dict(mesh.shape)}")
   results = evaluate(VLM(cfg), params, rows, tok, methods=methods, budgets=budgets, batch_size=batch_size,
-                     progress=progress)
-  print(table(results))
-  paths = write(results, outdir, {"checkpoint": path, "dataset": dataset, "split": split,
-                                  "examples": len(rows), "device": str(jax.devices()[0]),
-                                  "title": f"{cfg.name} on {dataset}/{split} ({len(rows)} examples)"})
-  print("wrote " + ", ".join(paths.values()))
+                     progress=progress and lead, log=say, mesh=mesh, rules=rules)
+  if lead:
+    print(table(results))
+    paths = write(results, outdir, {"checkpoint": path, "dataset": dataset, "split": split,
+                                    "examples": len(rows), "device": str(jax.devices()[0]),
+                                    "mesh": dict(mesh.shape), "processes": jax.process_count(),
+                                    "title": f"{cfg.name} on {dataset}/{split} ({len(rows)} examples)"})
+    print("wrote " + ", ".join(paths.values()))
   return results

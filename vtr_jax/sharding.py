@@ -278,16 +278,19 @@ _RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar("vtr_jax_sharding
 
 
 @contextlib.contextmanager
-def use_rules(rules: Rules) -> Iterator[None]:
-  """Activation constraints (`constrain`) and `per_sample` follow `rules` while tracing inside this block.
+def activate(mesh, rules: Rules) -> Iterator[None]:
+  """Trace under `mesh` (a Mesh or AbstractMesh) and `rules`: enter it inside the function being jitted.
 
-  Enter it inside the function being jitted, so the rules are part of that
-  function (jit does not key its cache on this context); the mesh comes from
-  `jax.set_mesh` around the call, or from the arguments' shardings.
+  Activation constraints (`constrain`), `per_sample` and the kernels'
+  `shard_map`s follow them. Entered inside the traced function, the mesh and
+  rules are part of that function, so jit's cache can never serve a trace
+  made under other rules.
   """
+  abstract = mesh.abstract_mesh if isinstance(mesh, Mesh) else mesh
   token = _RULES.set(normalize_rules(rules))
   try:
-    yield
+    with jax.sharding.use_abstract_mesh(abstract):
+      yield
   finally:
     _RULES.reset(token)
 
@@ -314,7 +317,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 def split_axes(name: str, size: int, *, exclude: Sequence[str] = ()) -> tuple[str, ...]:
   """Axes of the active mesh, still automatic, that split a dimension of logical `name` and `size`.
 
-  Follows the active rules (`use_rules`); () without a mesh or rules, or when
+  Follows the active rules (`activate`); () without a mesh or rules, or when
   no axis divides the size. Inside a `shard_map`, its manual axes do not count.
   """
   mesh, auto = _auto_mesh()
@@ -414,6 +417,23 @@ def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding, batch
     value = np.asarray(value)
     out[key] = jax.make_array_from_process_local_data(sharding, value, (batch_size,) + value.shape[1:])
   return out
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def put(tree, shardings) -> Any:
+  """Arrays -> global arrays in `shardings`.
+
+  Host arrays (the same on every process) are sliced, so each device
+  receives only its shard; arrays already on devices are resharded.
+  """
+  def one(x, s):
+    if isinstance(x, jax.Array):
+      return jax.device_put(x, s)
+    return jax.make_array_from_callback(np.shape(x), s, lambda index: np.asarray(x)[index])
+  return jax.tree_util.tree_map(one, tree, shardings)
 
 
 def fetch(tree) -> Any:

@@ -8,6 +8,12 @@ Training reads the bundled benchmark on the fly (`vtr_jax.data.vqa.stream`):
 step s always sees the same examples and the same dropout/init keys derive
 from (seed, step), so a run interrupted and resumed from its last
 checkpoint continues exactly as an uninterrupted one.
+
+Everything runs on the config's device mesh (`config.mesh`, see
+`vtr_jax.sharding`): the state is created in its shardings (derived with
+`jax.eval_shape`), the step is jitted with in/out shardings and donates the
+old state, each process generates only its rows of every global batch, and
+orbax saves and restores the sharded state (onto any mesh shape).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from vtr_jax import supervision
+from vtr_jax import evaluation, sharding, supervision
 from vtr_jax.data import scenes, vqa
 from vtr_jax.data.tokenizer import Tokenizer
 from vtr_jax.models.decoder import DecoderConfig
@@ -100,11 +106,35 @@ def optimizer(config: ml_collections.ConfigDict, params, heads=None) -> optax.Gr
   return optax.multi_transform({"train": inner, "freeze": optax.set_to_zero()}, labels)
 
 
-def init_params(model: VLM, cfg: VLMConfig, seed: int):
-  s = cfg.vision.image_size
-  tokens = jnp.array([[cfg.image_token_id, cfg.pad_token_id]], jnp.int32)
-  variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, s, s, 3)), tokens, jnp.ones((1, 2), bool))
-  return nn.unbox(variables)
+def init_params(model: VLM, cfg: VLMConfig, seed: int, mesh=None, rules: sharding.Rules = sharding.DEFAULT_RULES):
+  """The model's initial parameters (unboxed); on `mesh`, made directly in their shardings."""
+  if mesh is None:
+    return nn.unbox(jax.jit(model.init)(*evaluation.init_inputs(cfg, seed)))
+  return sharding.init_params(model.init, mesh, rules, *evaluation.init_inputs(cfg, seed))[0]
+
+
+def _fresh_state(model: VLM, config: ml_collections.ConfigDict, aux_weight: float, seed: int) -> TrainState:
+  """The state before step 0 (under `jax.jit` or `jax.eval_shape`)."""
+  params = nn.unbox(model.init(*evaluation.init_inputs(model.config, seed)))
+  heads = supervision.init_heads(model.config.vision, seed) if aux_weight else {}
+  tx = optimizer(config, params, heads)
+  return TrainState(jnp.asarray(0, jnp.int32), params, heads, tx.init({"model": params, "heads": heads}))
+
+
+def state_shardings(model: VLM, config: ml_collections.ConfigDict, aux_weight: float, mesh,
+                    rules: sharding.Rules) -> tuple[TrainState, TrainState]:
+  """(abstract state, its NamedShardings) from `jax.eval_shape`: nothing is allocated.
+
+  Parameters follow their logical names; optimizer moments mirror the
+  parameters; the step, the auxiliary heads and scalars are replicated.
+  """
+  abstract = jax.eval_shape(functools.partial(_fresh_state, model, config, aux_weight, 0))
+  params = evaluation.param_shardings(model, mesh, rules)
+  rep = sharding.replicated(mesh)
+  heads = jax.tree_util.tree_map(lambda _: rep, abstract.heads)
+  opt = sharding.like_params(abstract.opt_state, {"model": abstract.params, "heads": abstract.heads},
+                             {"model": params, "heads": heads}, mesh)
+  return abstract, TrainState(rep, params, heads, opt)
 
 
 # ---- the step ---------------------------------------------------------------------------------
@@ -143,15 +173,18 @@ def loss_and_metrics(trainable, model: VLM, batch: Mapping[str, Array], reductio
 
 
 def make_train_step(model: VLM, config: ml_collections.ConfigDict, reduction=None, query_rows: bool = False,
-                    aux_weight: float = 0.0):
-  """jit(state, batch) -> (state, metrics), the state's buffers donated.
+                    aux_weight: float = 0.0, *, mesh, rules: sharding.Rules = sharding.DEFAULT_RULES,
+                    batch_size: int):
+  """jit(state, batch) -> (state, metrics) on `mesh`, the state's buffers donated.
 
-  The compiled step is cached by (model, optimizer settings, plan), so
-  several `train` calls in one process (tests, sweeps) compile it once.
+  In and out shardings: the state's (`state_shardings`); the batch (a dict
+  of batch-leading arrays of `batch_size` rows) split over the batch axes;
+  metrics replicated. The compiled step is cached by (model, optimizer
+  settings, plan, mesh, rules, batch size), so several `train` calls in one
+  process (tests, sweeps) compile it once.
   """
-  key = _optim_key(config)
-  return functools.partial(_train_step, model=model, optim=key, plan=parse(reduction), query_rows=query_rows,
-                           aux_weight=aux_weight)
+  return _compiled_step(model, _optim_key(config), parse(reduction), query_rows, float(aux_weight), mesh,
+                        sharding.normalize_rules(rules), batch_size)
 
 
 def _optim_key(config: ml_collections.ConfigDict) -> tuple:
@@ -164,9 +197,22 @@ def _config_from_key(key: tuple) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"optim": dict(optim), "train": {"steps": steps, "trainable": trainable}})
 
 
-@functools.partial(jax.jit, static_argnames=("model", "optim", "plan", "query_rows", "aux_weight"),
-                   donate_argnums=(0,))
-def _train_step(state: TrainState, batch, *, model: VLM, optim: tuple, plan, query_rows: bool, aux_weight: float):
+@functools.lru_cache(maxsize=32)
+def _compiled_step(model: VLM, optim: tuple, plan, query_rows: bool, aux_weight: float, mesh,
+                   rules: sharding.Rules, batch_size: int):
+  _, shardings = state_shardings(model, _config_from_key(optim), aux_weight, mesh, rules)
+
+  def step(state, batch):
+    with sharding.activate(mesh, rules):
+      return train_step(state, batch, model=model, optim=optim, plan=plan, query_rows=query_rows,
+                        aux_weight=aux_weight)
+
+  return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh, rules, batch_size)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def train_step(state: TrainState, batch, *, model: VLM, optim: tuple, plan, query_rows: bool, aux_weight: float):
+  """One optimizer step (traced inside `make_train_step`'s jit)."""
   tx = optimizer(_config_from_key(optim), state.params, state.heads)
   trainable = {"model": state.params, "heads": state.heads}
   grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
@@ -215,30 +261,34 @@ def as_arrays(batch: vqa.TrainBatch) -> dict[str, np.ndarray]:
           "loss_mask": batch.loss_mask}
 
 
+def step_inputs(rows, tok: Tokenizer, cfg: VLMConfig, aux_weight: float) -> dict[str, np.ndarray]:
+  """Rows -> the train step's batch entries (teacher-forced sequences; scene targets when aux_weight > 0)."""
+  batch = as_arrays(vqa.train_batch(rows, tok, cfg.vision, length=vqa.TRAIN_LENGTH))
+  if aux_weight:
+    targets = supervision.scene_targets([r["scene"] for r in rows], cfg.vision.grid)
+    batch.update({f"aux/{k}": v for k, v in targets.items()})
+  return batch
+
+
 # ---- evaluation during training ---------------------------------------------------------------
-def answer_accuracy(model: VLM, params, rows, tok: Tokenizer, *, batch_size: int = 64, reduction=None):
-  """Accuracy of the argmax answer token per family: {'overall': ..., '<family>': ...}."""
-  prefill = _answer_fn(model, parse(reduction))
+def answer_accuracy(model: VLM, params, rows, tok: Tokenizer, *, mesh, rules: sharding.Rules,
+                    batch_size: int = 64, reduction=None):
+  """Accuracy of the argmax answer token per family: {'overall': ..., '<family>': ...}.
+
+  `params` are laid out on `mesh` (as the train state's); each process loads its rows of every batch.
+  """
+  batch_size = evaluation.batch_size_for(batch_size, mesh, rules)
+  batches = evaluation.prompt_batches(rows, tok, model.config, batch_size, mesh, rules)
+  prefill = evaluation.predictor(model, parse(reduction).spec, mesh, rules, batch_size)
+  outs = sharding.fetch([(prefill(params, b["pixels"], b["tokens"], b["valid"])[0], b["answers"]) for b in batches])
+  pred = np.concatenate([p for p, _ in outs])[:len(rows)]
+  answers = np.concatenate([a for _, a in outs])[:len(rows)]
   hits: dict[str, list[bool]] = {}
-  for i in range(0, len(rows), batch_size):
-    chunk = [rows[j] for j in range(i, min(i + batch_size, len(rows)))]  # a list or a datasets.Dataset
-    pad = batch_size - len(chunk)
-    b = vqa.prompt_batch(list(chunk) + [chunk[-1]] * pad, tok, model.config.vision, length=vqa.PROMPT_LENGTH)
-    pred = np.asarray(prefill(params, b.pixels, b.tokens, b.valid))
-    for row, p, a in zip(chunk, pred, b.answer_ids):
-      hits.setdefault(row["family"], []).append(bool(p == a))
+  for i in range(len(rows)):
+    hits.setdefault(rows[i]["family"], []).append(bool(pred[i] == answers[i]))
   out = {f: float(np.mean(v)) for f, v in sorted(hits.items())}
   out["overall"] = float(np.mean([h for v in hits.values() for h in v]))
   return out
-
-
-@functools.lru_cache(maxsize=32)
-def _answer_fn(model: VLM, plan):
-  @jax.jit
-  def run(params, pixels, tokens, valid):
-    logits, _, _ = model.apply(params, pixels, tokens, valid, reduction=plan, last_only=True, method=VLM.prefill)
-    return jnp.argmax(logits, axis=-1)
-  return run
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -266,15 +316,21 @@ def check_same_model(saved: Mapping[str, Any], config: ml_collections.ConfigDict
                         f"({'; '.join(diffs)}); use a new --workdir or the original config")
 
 
-def restore_or_init(mgr: ocp.CheckpointManager, params, heads, tx) -> TrainState:
-  """The latest checkpoint's state, or a fresh one around `params` and `heads`."""
-  state = TrainState(jnp.asarray(0, jnp.int32), params, heads, tx.init({"model": params, "heads": heads}))
+def restore_or_init(mgr: ocp.CheckpointManager, model: VLM, config: ml_collections.ConfigDict, aux_weight: float,
+                    mesh, rules: sharding.Rules) -> TrainState:
+  """The latest checkpoint's state, or a fresh one, laid out in its shardings on `mesh`.
+
+  Restoring reads each device's shards straight into the shardings of this
+  mesh, whatever mesh the checkpoint was written from.
+  """
+  abstract, shardings = state_shardings(model, config, aux_weight, mesh, rules)
   latest = mgr.latest_step()
   if latest is None:
-    return state
-  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    init = functools.partial(_fresh_state, model, config, aux_weight, config.seed)
+    return jax.jit(init, out_shardings=shardings)()
+  target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   try:
-    return mgr.restore(latest, args=ocp.args.StandardRestore(abstract))
+    return mgr.restore(latest, args=ocp.args.StandardRestore(target))
   except (ValueError, KeyError) as e:
     raise TrainingError(f"checkpoint at step {latest} in {mgr.directory} does not fit this config: {e}") from None
 
@@ -286,7 +342,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   Writes `workdir/checkpoints/` (orbax), `workdir/metrics.jsonl`,
   `workdir/config.json`, and at the end `workdir/export/` (a checkpoint
   directory `vtr_jax.load` reads). `stop_after` ends the run early after
-  that many steps of this invocation (used to test interruption).
+  that many steps of this invocation (used to test interruption). With
+  several processes (`sharding.initialize_distributed`) every process runs
+  this; process 0 writes the logs, the config and the export.
   """
   from tqdm import tqdm  # a dependency, imported here to keep `import vtr_jax.training` light
 
@@ -295,38 +353,41 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   tok = vqa.tokenizer()
   cfg = model_config(config, tok)
   model = VLM(cfg)
+  lead = jax.process_index() == 0
   config_path = os.path.join(workdir, "config.json")
   if os.path.exists(config_path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
     check_same_model(json.load(open(config_path)), config, config_path)
-  with open(config_path, "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  params = init_params(model, cfg, config.seed)
+  if lead:
+    with open(config_path, "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
   aux_weight = float(config.train.get("aux_weight", 0.0))
-  heads = supervision.init_heads(cfg.vision, config.seed) if aux_weight else {}
-  tx = optimizer(config, params, heads)
   mgr = checkpoint_manager(workdir, config)
-  state = restore_or_init(mgr, params, heads, tx)
+  state = restore_or_init(mgr, model, config, aux_weight, mesh, rules)
+  if lead and progress:
+    _, shardings = state_shardings(model, config, aux_weight, mesh, rules)
+    print(sharding.replication_report(state.params, shardings.params).summary())
   start = int(state.step)
   schedule = reduction_schedule(config.train.get("reduction") or None)
   query_rows = config.train.get("query_rows", False)
-  step_fns = {spec: make_train_step(model, config, spec or None, query_rows=query_rows, aux_weight=aux_weight)
-              for _, spec in schedule}
+  batch_size = config.train.batch_size
+  step_fns = {spec: make_train_step(model, config, spec or None, query_rows=query_rows, aux_weight=aux_weight,
+                                    mesh=mesh, rules=rules, batch_size=batch_size) for _, spec in schedule}
   total = config.train.steps
   end = total if stop_after is None else min(total, start + stop_after)
-  data = vqa.stream("train", config.train.batch_size, first_step=start, config=scene_config(config, cfg),
-                    workers=config.data.workers, num_examples=config.data.get("train_examples") or None)
+  split = sharding.batch_sharding(mesh, rules, batch_size)
+  data = vqa.stream("train", batch_size, first_step=start, config=scene_config(config, cfg),
+                    workers=config.data.workers, num_examples=config.data.get("train_examples") or None,
+                    rows=sharding.process_rows(split, batch_size))
   val_rows = None
   metrics: dict[str, Any] = {}
   log_path = os.path.join(workdir, "metrics.jsonl")
-  bar = tqdm(total=total, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
+  bar = tqdm(total=total, initial=start, disable=not (progress and lead), desc="train", dynamic_ncols=True)
   t0 = time.perf_counter()
   try:
     for step in range(start, end):
-      rows = next(data)
-      batch = as_arrays(vqa.train_batch(rows, tok, cfg.vision, length=vqa.TRAIN_LENGTH))
-      if aux_weight:
-        grid = cfg.vision.grid
-        batch.update({f"aux/{k}": v for k, v in supervision.scene_targets([r["scene"] for r in rows], grid).items()})
+      rows = next(data)  # this process's rows of the step's batch
+      batch = sharding.global_batch(step_inputs(rows, tok, cfg, aux_weight), split, batch_size)
       state, step_metrics = step_fns[spec_at(schedule, step)](state, batch)
       loss = float(step_metrics["loss"])
       if not math.isfinite(loss) or not math.isfinite(float(step_metrics["grad_norm"])):
@@ -344,14 +405,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         if config.train.eval_every and (done % config.train.eval_every == 0 or done == total):
           if val_rows is None:
             val_rows = vqa.build_split("val", config.data.val_examples, scene_config(config, cfg))
-          metrics["val"] = answer_accuracy(model, state.params, val_rows, tok)
-        with open(log_path, "a") as f:
-          f.write(json.dumps(metrics) + "\n")
+          metrics["val"] = answer_accuracy(model, state.params, val_rows, tok, mesh=mesh, rules=rules)
+        if lead:
+          with open(log_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
   finally:
     bar.close()
     mgr.wait_until_finished()
     mgr.close()
   if int(state.step) >= total:
     from vtr_jax.convert import save
-    save(os.path.join(workdir, "export"), cfg, state.params, tok)
+    state = state.replace(params=sharding.fetch(state.params))  # every process joins the gather; process 0 writes
+    if lead:
+      save(os.path.join(workdir, "export"), cfg, state.params, tok)
   return metrics

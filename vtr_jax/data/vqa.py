@@ -223,37 +223,44 @@ def load(source: str, split: str | None = None, *, columns: Mapping[str, str] | 
 
 # -- generation on the fly, for training ----------------------------------------------------------
 
-def _batch_indices(step: int, batch_size: int, num_examples: int | None) -> list[int]:
+def _batch_indices(step: int, batch_size: int, num_examples: int | None, rows: range) -> list[int]:
   first = step * batch_size
-  indices = range(first, first + batch_size)
+  indices = range(first + rows.start, first + rows.stop)
   return [i % num_examples for i in indices] if num_examples else list(indices)
 
 
 def stream(split: str, batch_size: int, *, first_step: int = 0, num_examples: int | None = None,
            config: scenes.SceneConfig = scenes.SceneConfig(), workers: int = 0,
-           prefetch: int = 2) -> Iterator[list[dict]]:
+           prefetch: int = 2, rows: range | None = None) -> Iterator[list[dict]]:
   """Rows of step `first_step`, `first_step + 1`, ... generated on the fly (without end).
 
   Step `s` holds examples `s * batch_size ... (s + 1) * batch_size - 1` of
   `split`, taken modulo `num_examples` when it is given (a finite split seen
-  for several epochs) and never repeated otherwise. With `workers` 0 each
-  batch is made in this process when asked for; with `workers` >= 1 that
-  many spawned processes keep `prefetch` batches each made ahead (one worker
-  already overlaps generation with a train step); the batches are the same.
+  for several epochs) and never repeated otherwise. `rows` (a range within
+  0..batch_size) makes only those rows of each step's batch: one process's
+  share of a global batch (`vtr_jax.sharding.process_rows`). With `workers`
+  0 each batch is made in this process when asked for; with `workers` >= 1
+  that many spawned processes keep `prefetch` batches each made ahead (one
+  worker already overlaps generation with a train step); the batches are
+  the same.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  rows = range(batch_size) if rows is None else rows
+  if not 0 <= rows.start < rows.stop <= batch_size or rows.step != 1:
+    raise ValueError(f"rows={rows} must be a non-empty range of consecutive rows within 0..{batch_size}")
   step = first_step
   if not workers:
     while True:
-      yield _rows(split, _batch_indices(step, batch_size, num_examples), config)
+      yield _rows(split, _batch_indices(step, batch_size, num_examples, rows), config)
       step += 1
   else:
     with _pool(workers) as pool:
       pending = collections.deque()
       while True:
         while len(pending) < workers * prefetch:
-          pending.append(pool.apply_async(_rows, (split, _batch_indices(step, batch_size, num_examples), config)))
+          indices = _batch_indices(step, batch_size, num_examples, rows)
+          pending.append(pool.apply_async(_rows, (split, indices, config)))
           step += 1
         yield pending.popleft().get()
 
