@@ -20,10 +20,13 @@ longest dividing prefix of the axes is used, else it stays whole);
 `replication_report` says how many parameter bytes that leaves replicated.
 
 Shardings come from `jax.eval_shape`: no full array is ever made on one
-device (`init_params` jits the initialiser with `out_shardings`). Per-sample
-work that XLA's partitioner might otherwise gather (the reduction methods'
-top-k selections and the scoring kernels) runs inside `jax.shard_map` over
-the batch axes (`per_sample`), so each device selects for its own samples.
+device (`init_params` jits the initialiser with `out_shardings`). A jitted
+function enters `activate(mesh, rules)` inside its body; under it the
+model's activation constraints (`constrain`) apply, and per-sample work that
+XLA's partitioner would otherwise gather (the reduction methods' top-k
+selections, sorts and scatters; the scoring kernels) runs inside
+`jax.shard_map` over the batch axes (`per_sample`), so each device selects
+for its own samples and no score array crosses devices.
 
 Multi-host: `initialize_distributed` (before any other JAX call), then each
 process loads only its rows of every global batch (`process_rows`) and
@@ -337,11 +340,14 @@ def per_sample(fn: Callable) -> Callable:
 
   Every array among the arguments and results must be batch-leading
   ([B, ...], the same B); other argument leaves (Python numbers, strings,
-  None) reach `fn` as they are, and non-array results come back as they are
-  (they must not depend on array values). Nothing the function computes
-  from the arrays crosses devices, so XLA cannot gather a score array to
-  rank it. Without an active mesh and rules, or when B does not split, `fn`
-  runs unchanged.
+  None, objects) reach `fn` as they are, and non-array results come back as
+  they are (they must not depend on array values). Nothing the function
+  computes from its array arguments crosses devices, so XLA cannot gather a
+  score array to rank it. Arrays `fn` closes over (a decoder layer's weights,
+  in the LLM-stage hook) enter whole on the batch axes: XLA gathers their
+  FSDP shards as it does for any layer; the `tensor` axis stays automatic.
+  Without an active mesh and rules, or when B does not split, `fn` runs
+  unchanged.
   """
   def run(*args, **kwargs):
     if _auto_mesh()[0] is None or not _RULES.get():
