@@ -4,8 +4,8 @@
 
 For every mesh it compares with the single-device run: the prefill of every
 registered method (logits of the valid slots, `reduce/positions`,
-`llm/tok/patch`), one train step, and a checkpoint restored from another
-mesh; and it lists the all-gathers of the compiled prefill. Results go to
+`llm/tok/patch`), one train step, a checkpoint restored from another
+mesh, and the Pallas kernels (interpret mode) in their shard_map; and it lists the all-gathers of the compiled prefill. Results go to
 OUT.json for the test to assert on; `--methods a,b` limits the methods.
 """
 
@@ -151,6 +151,38 @@ def compare_train_step(mesh, single):
   return {"state_max_diff": state_diff, "params_moved": moved, "metric_diffs": metric_diff, "loss": float(m0["loss"])}
 
 
+def compare_kernels(mesh):
+  """The Pallas kernels (interpret mode) inside their shard_map on `mesh` against the one-device references:
+  attention_mass with grouped heads (split over `tensor` where they divide) and max_similarity."""
+  from vtr_jax.kernels import ops
+  rng = np.random.default_rng(0)
+  q = rng.standard_normal((BATCH, 4, 3, 8)).astype(np.float32)  # [B, N, R, H], 4 heads on 2 kv heads
+  k = rng.standard_normal((BATCH, 2, 20, 8)).astype(np.float32)  # [B, K, S, H]
+  key_valid = rng.random((BATCH, 20)) > 0.2
+  slots = np.tile(np.array([[5, 12, 19]], np.int32), (BATCH, 1))
+  x, y = rng.standard_normal((BATCH, 12, 16)).astype(np.float32), rng.standard_normal((BATCH, 9, 16)).astype(np.float32)
+
+  def run(q, k, key_valid, slots, x, y):
+    mass = ops.attention_mass(q, k, key_valid=key_valid, q_slots=slots, impl="pallas", interpret=True)
+    sim, idx = ops.max_similarity(x, y, impl="pallas", interpret=True)
+    return mass, sim, idx
+
+  def sharded(*args):
+    with sharding.activate(mesh, RULES):
+      return run(*args)
+
+  split = sharding.batch_sharding(mesh, RULES, BATCH)
+  args = [jax.device_put(a, split) for a in (q, k, key_valid, slots, x, y)]
+  compiled = jax.jit(sharded).lower(*args).compile()
+  got = sharding.fetch(compiled(*args))
+  want = (ops.attention_mass(q, k, key_valid=key_valid, q_slots=slots, impl="reference"),
+          *ops.max_similarity(x, y, impl="reference"))
+  heads_split = "psum" in compiled.as_text() or "all-reduce" in compiled.as_text()
+  return {"mass_max_diff": float(np.max(np.abs(got[0] - want[0]))),
+          "similarity_max_diff": float(np.max(np.abs(got[1] - want[1]))),
+          "index_equal": bool(np.array_equal(got[2], want[2])), "heads_summed_across_devices": heads_split}
+
+
 def compare_restore(mesh, other):
   """Save a sharded train state from `other`, restore it onto `mesh`: equal values, `mesh`'s shardings."""
   from configs import shapes_tiny
@@ -204,6 +236,7 @@ def main():
       entry["train_step"] = compare_train_step(mesh, single)
       other = sharding.make_mesh((8, 1, 1) if shape != (8, 1, 1) else (1, 1, 8))
       entry["restore"] = compare_restore(mesh, other)
+      entry["kernels"] = compare_kernels(mesh)
       entry["train_and_restore_seconds"] = time.perf_counter() - t0
     report["meshes"][text] = entry
   if "fastv" in specs and (args.meshes or args.quick):  # the gather check must catch an unwrapped selection

@@ -166,6 +166,12 @@ def test_train_step_equals_unsharded(report):
   assert max(step["metric_diffs"].values()) < 1e-5, step
 
 
+def test_pallas_kernels_run_per_device(report):
+  kernels = report["meshes"]["2,2,2"]["kernels"]
+  assert kernels["mass_max_diff"] < 1e-6 and kernels["similarity_max_diff"] < 1e-6 and kernels["index_equal"], kernels
+  assert kernels["heads_summed_across_devices"], kernels  # 2 kv heads split over tensor=2, summed back
+
+
 def test_checkpoint_restores_onto_another_mesh(report):
   restore = report["meshes"]["2,2,2"]["restore"]
   assert restore["values_equal"] and restore["shardings_match"], restore
@@ -180,3 +186,4 @@ def test_every_method_train_step_and_restore_on_8_1_1_and_1_1_8(tmp_path):
     assert not entry["score_gathers"], f"mesh {mesh}: {entry['score_gathers']}"
     assert entry["train_step"]["state_max_diff"] < 1e-5, entry["train_step"]
     assert entry["restore"]["values_equal"] and entry["restore"]["shardings_match"], entry["restore"]
+    assert entry["kernels"]["mass_max_diff"] < 1e-6 and entry["kernels"]["index_equal"], entry["kernels"]

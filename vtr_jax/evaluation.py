@@ -178,7 +178,7 @@ def measure(model: VLM, params, batches: Sequence[dict[str, jax.Array]], n_rows:
             - mem.alias_size_in_bytes) / 2 ** 20
   outs = sharding.fetch([compiled(params, b["pixels"], b["tokens"], b["valid"]) for b in batches])
   preds = np.concatenate([p for p, _ in outs])[:n_rows]
-  tokens = float(np.concatenate([c for _, c in outs])[:n_rows].mean())
+  tokens = float(np.concatenate([n for _, n in outs])[:n_rows].mean())
   times = []
   for _ in range(timing_runs):
     t0 = time.perf_counter()
