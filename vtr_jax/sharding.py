@@ -303,8 +303,7 @@ def _auto_mesh():
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return None, ()
-  manual = set(getattr(mesh, "manual_axes", ()))
-  return mesh, tuple(a for a in mesh.axis_names if a not in manual)
+  return mesh, tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
