@@ -45,3 +45,30 @@ def _tiny(family, tmp_path_factory) -> TinyFamily:
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> TinyFamily:
   return _tiny("clip_llama", tmp_path_factory)
+
+
+def _mapped_regions() -> int:
+  try:
+    with open("/proc/self/maps") as f:
+      return sum(1 for _ in f)
+  except OSError:  # not Linux
+    return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code(request):
+  """Drop every compiled executable after each test module.
+
+  XLA:CPU maps each executable's code into memory; a few hundred tests' worth
+  of executables exceed Linux's default vm.max_map_count (65530) and the next
+  compile aborts the whole process. Clearing JAX's caches lets them be freed.
+  """
+  yield
+  import gc
+
+  import jax
+  before = _mapped_regions()
+  jax.clear_caches()
+  gc.collect()
+  if os.environ.get("VTR_REPORT_MAPS"):
+    print(f"\n[maps] {request.module.__name__}: {before} -> {_mapped_regions()}", file=sys.stderr)

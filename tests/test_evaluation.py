@@ -28,14 +28,15 @@ def test_every_method_has_a_valid_spec_at_every_budget(budget):
   for name in registry():
     spec = evaluation.spec_for(name, budget, cfg)
     if spec is None:
-      assert (name == "pool" and budget > 0.3) or name in evaluation.ADAPTIVE, f"{name}: no setting for {budget}"
+      assert (name in ("pool", "llavolta") and budget > 0.3) or name in evaluation.ADAPTIVE, f"{name}: no setting for {budget}"
       continue
     m = parse(spec).methods[0]
     if m.stage == "llm":
       counts = m.layer_counts(n, cfg.text.num_layers)
       assert np.mean(counts) < n, f"{spec}: no reduction"
       if name != "exit":  # exit's budget picks its layer; the rest keep about k tokens at the end
-        assert abs(counts[-1] - budget * n) <= max(3, 0.15 * budget * n), f"{spec}: ends with {counts[-1]}"
+        slack = 0.3 if name == "llavolta" else 0.15  # a pooling grid's counts are coarse, as `pool`'s
+        assert abs(counts[-1] - budget * n) <= max(3, slack * budget * n), f"{spec}: ends with {counts[-1]}"
     elif name not in ("prumerge", "prumerge_plus"):  # these cap a data-dependent count
       assert abs(m.kept(n) - budget * n) <= max(2, 0.3 * budget * n), f"{spec}: keeps {m.kept(n)} of {n}"
 

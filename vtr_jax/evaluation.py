@@ -62,6 +62,12 @@ def spec_for(method: str, fraction: float, cfg: VLMConfig) -> str | None:
   if method == "pool":
     stride = int(round(1 / math.sqrt(fraction)))
     return f"pool:stride={stride}" if stride >= 2 else None
+  if method == "llavolta":  # pooled before the scaled layer 2 of 32; the stride whose count is nearest
+    if int(round(1 / math.sqrt(fraction))) < 2:
+      return None
+    m = cls()
+    stride = min(range(2, m.kept(n) + 1), key=lambda s: abs(dataclasses.replace(m, stride=s).kept(n) - fraction * n))
+    return f"llavolta:layer={_scaled_layer(2, 32, layers, lo=1, hi=layers - 1)},stride={stride}"
   if method in ("fastv", "dart"):
     layer = _scaled_layer(2, 32, layers, lo=1, hi=layers - 1)
     return f"{method}:layer={layer},keep={k}"
