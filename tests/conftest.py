@@ -9,6 +9,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# LLVM at -O0 without its expensive passes: XLA:CPU compiles about a third faster, and compiling is
+# most of what these tests do. Numerics are unchanged (this is LLVM codegen, not XLA's fusion).
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+                             " --xla_llvm_disable_expensive_passes=true").strip()
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
@@ -72,3 +77,20 @@ def _release_compiled_code(request):
   gc.collect()
   if os.environ.get("VTR_REPORT_MAPS"):
     print(f"\n[maps] {request.module.__name__}: {before} -> {_mapped_regions()}", file=sys.stderr)
+
+
+# Second instances of a contract that the default run already checks once per method: the SigLIP
+# twins of batch-equals-single (the CLIP instance runs by default), the other compressors' KV-slot
+# and decode checks, and the longer training modes. They run with `make test-slow` (CI runs both).
+SECONDARY = (
+    "test_siglip_batch_equals_single", "test_siglip_qwen2_batch_equals_single",
+    "test_flops_kv_slots_match_the_cache[tokenpacker]", "test_flops_kv_slots_match_the_cache[falcon_crops]",
+    "test_decode_equals_rerun_prefill[exit:layer=2]", "test_decode_equals_rerun_prefill[todre_llm",
+    "test_scheduled_training_runs", "test_pdrop_training_mode_runs",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if any(s in item.nodeid for s in SECONDARY):
+      item.add_marker(pytest.mark.slow)
