@@ -19,6 +19,8 @@ from vtr_jax import sharding, training
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/<name>.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the exported model.")
+_STOP_AT = flags.DEFINE_integer("stop_at", None, "End (and export) at this global step; the schedule stays that "
+                                "of config.train.steps, so this is a snapshot of the full run.")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
@@ -30,7 +32,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  training.train(_CONFIG.value, _WORKDIR.value)
+  training.train(_CONFIG.value, _WORKDIR.value, stop_at=_STOP_AT.value)
 
 
 if __name__ == "__main__":

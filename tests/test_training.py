@@ -46,7 +46,14 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
   training.train(c, whole, progress=False)
   training.train(c, split, stop_after=3, progress=False)  # checkpoint at 2; steps 3.. are redone
   assert not os.path.exists(os.path.join(split, "export"))
+  training.train(c, split, stop_at=4, progress=False)  # a snapshot of the same run, exported
+  with open(os.path.join(split, "export", "training.json")) as f:
+    assert json.load(f)["step"] == 4
+  with pytest.raises(training.TrainingError, match=r"stop_at=6 must be in 1\.\.train\.steps=5"):
+    training.train(c, split, stop_at=6, progress=False)
   training.train(c, split, progress=False)
+  with open(os.path.join(split, "export", "training.json")) as f:
+    assert json.load(f)["step"] == 5
   a, b = _params(whole), _params(split)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

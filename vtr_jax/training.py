@@ -336,13 +336,16 @@ def restore_or_init(mgr: ocp.CheckpointManager, model: VLM, config: ml_collectio
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          stop_at: int | None = None, progress: bool = True) -> dict[str, Any]:
   """Runs (or resumes) training; returns the last logged metrics.
 
   Writes `workdir/checkpoints/` (orbax), `workdir/metrics.jsonl`,
   `workdir/config.json`, and at the end `workdir/export/` (a checkpoint
-  directory `vtr_jax.load` reads). `stop_after` ends the run early after
-  that many steps of this invocation (used to test interruption). With
+  directory `vtr_jax.load` reads, with `training.json`: the step and the
+  last validation accuracy). `stop_after` ends the run early after that many
+  steps of this invocation (used to test interruption); `stop_at` ends it at
+  that global step and exports it -- a snapshot of the same run, since the
+  learning-rate schedule stays that of `train.steps` and resuming is exact. With
   several processes (`sharding.initialize_distributed`) every process runs
   this; process 0 writes the logs, the config and the export.
   """
@@ -375,6 +378,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                                     mesh=mesh, rules=rules, batch_size=batch_size) for _, spec in schedule}
   total = config.train.steps
   end = total if stop_after is None else min(total, start + stop_after)
+  if stop_at is not None:
+    if not 0 < stop_at <= total:
+      raise TrainingError(f"stop_at={stop_at} must be in 1..train.steps={total}")
+    end = min(end, stop_at)
   split = sharding.batch_sharding(mesh, rules, batch_size)
   data = vqa.stream("train", batch_size, first_step=start, config=scene_config(config, cfg),
                     workers=config.data.workers, num_examples=config.data.get("train_examples") or None,
@@ -413,9 +420,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     bar.close()
     mgr.wait_until_finished()
     mgr.close()
-  if int(state.step) >= total:
+  if int(state.step) >= (total if stop_at is None else stop_at):
     from vtr_jax.convert import save
     state = state.replace(params=sharding.fetch(state.params))  # every process joins the gather; process 0 writes
     if lead:
       save(os.path.join(workdir, "export"), cfg, state.params, tok)
+      logged = [json.loads(l) for l in open(log_path)] if os.path.exists(log_path) else []
+      last_val = next(({"step": r["step"], **r["val"]} for r in reversed(logged) if "val" in r), None)
+      with open(os.path.join(workdir, "export", "training.json"), "w") as f:
+        json.dump({"step": int(state.step), "steps": total, "config": config.get("name"), "last_val": last_val}, f,
+                  indent=2)
   return metrics
