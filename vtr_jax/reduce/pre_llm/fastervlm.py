@@ -36,15 +36,10 @@ def check_patch_scores(method: str, tokens: Tokens, scores) -> None:
                          "tokens; put it before methods that change the token count")
 
 
-@register
 @dataclasses.dataclass(frozen=True)
-class FasterVLM(Method):
-  """FasterVLM: keep the patches with the highest head-mean [CLS] attention of the block that
-  produces the features LLaVA reads (the penultimate layer); original order. SigLIP: the
-  attention each patch receives instead."""
-  name = "fastervlm"
-  stages = ("vision",)
-  summary = "[CLS] attention of the feature layer, top-k"
+class FeatureLayerScored(Method):
+  """Base (unregistered) of the methods that start from the per-patch importance of the feature
+  block (`patch_importance(ctx, -1)`) and keep a budget of `keep` tokens or a `ratio`."""
   keep: int | None = None
   ratio: float | None = None
 
@@ -54,9 +49,25 @@ class FasterVLM(Method):
   def vision_extras(self, vision):
     return frozenset({importance_extra(vision, -1)})
 
-  def reduce(self, tokens: Tokens, ctx):
+  def importance(self, tokens: Tokens, ctx) -> jnp.ndarray:
+    """float32[B, P], checked against the tokens this method receives."""
     scores = patch_importance(ctx, -1)
     check_patch_scores(self.name, tokens, scores)
+    return scores
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class FasterVLM(FeatureLayerScored):
+  """FasterVLM: keep the patches with the highest head-mean [CLS] attention of the block that
+  produces the features LLaVA reads (the penultimate layer); original order. SigLIP: the
+  attention each patch receives instead."""
+  name = "fastervlm"
+  stages = ("vision",)
+  summary = "[CLS] attention of the feature layer, top-k"
+
+  def reduce(self, tokens: Tokens, ctx):
+    scores = self.importance(tokens, ctx)
     idx = P.topk_indices(scores, self.kept(tokens.count), tokens.valid)
     return P.gather(tokens, idx), {"index": idx, "scores": scores}
 

@@ -25,15 +25,15 @@ import dataclasses
 import jax.numpy as jnp
 
 from vtr_jax.reduce import primitives as P
-from vtr_jax.reduce.api import Method, register, resolve_budget
+from vtr_jax.reduce.api import register
 from vtr_jax.reduce.pre_llm.divprune import diverse_subset
-from vtr_jax.reduce.pre_llm.fastervlm import check_patch_scores, importance_extra, patch_importance
+from vtr_jax.reduce.pre_llm.fastervlm import FeatureLayerScored
 from vtr_jax.reduce.tokens import Tokens
 
 
 @register
 @dataclasses.dataclass(frozen=True)
-class ToDREDiversity(Method):
+class ToDREDiversity(FeatureLayerScored):
   """ToDRE's diversity stage: greedy k-center selection of `keep` (or `ratio` x N) tokens, first
   centre = the patch with the highest [CLS] attention (SigLIP: most attention received).
 
@@ -47,18 +47,9 @@ class ToDREDiversity(Method):
   name = "todre"
   stages = ("vision", "embed")
   summary = "ToDRE stage 1: greedy k-center diversity, first centre by [CLS] attention"
-  keep: int | None = None
-  ratio: float | None = None
-
-  def kept(self, n: int) -> int:
-    return resolve_budget(self.name, self.keep, self.ratio, n)
-
-  def vision_extras(self, vision):
-    return frozenset({importance_extra(vision, -1)})
 
   def reduce(self, tokens: Tokens, ctx):
-    scores = patch_importance(ctx, -1)
-    check_patch_scores(self.name, tokens, scores)
+    scores = self.importance(tokens, ctx)
     first = P.topk_indices(scores, 1, tokens.valid)[:, 0]
     selection = diverse_subset(tokens, self.kept(tokens.count), first)
     idx = jnp.sort(selection, axis=1)
