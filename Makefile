@@ -23,8 +23,9 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# The shipped model on the bundled test split under every method and budget: table, JSON/CSV, plot.
 demo: $(VENV)/.installed
-	$(BIN)/python -m vtr_jax.demo
+	$(BIN)/python eval.py --outdir=outputs/demo
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
