@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 import vtr_jax
 from configs import shapes_tiny
-from vtr_jax import evaluation, training
-from vtr_jax.data import vqa
+from vtr_jax import evaluation, sharding, training
+from vtr_jax.data import scenes, vqa
 from vtr_jax.models.vlm import VLM
 from vtr_jax.reduce import parse, registry
 
@@ -84,3 +86,23 @@ def test_unknown_method_is_named(tiny_checkpoint, tmp_path):
   with pytest.raises(ValueError, match=r"unknown methods \['fastvv'\]"):
     evaluation.main(checkpoint=tiny_checkpoint, num_examples=7, methods=["fastvv"], outdir=str(tmp_path),
                     progress=False)
+
+
+def test_shipped_model_is_the_config_it_claims():
+  """The weights inside the package load strictly, match configs/shapes_tiny.py, and answer finitely."""
+  import json
+  assert os.path.isdir(evaluation.SHIPPED), f"the shipped model is missing: {evaluation.SHIPPED}"
+  cfg, params, tok = vtr_jax.load(evaluation.SHIPPED)
+  want = _shipped_geometry()  # the HF layout keeps no run name and writes head_dim out
+  assert cfg.vision == want.vision and cfg.projector == want.projector
+  assert cfg.text == dataclasses.replace(want.text, head_dim=want.text.hidden_size // want.text.num_heads)
+  with open(os.path.join(evaluation.SHIPPED, "training.json")) as f:
+    info = json.load(f)
+  assert info["config"] == "shapes-tiny" and 0 < info["step"] <= info["steps"]
+  rows = vqa.build_split("test", 7, scenes.SceneConfig(image_size=cfg.vision.image_size))
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  acc = training.answer_accuracy(VLM(cfg), params, rows, tok, mesh=mesh, rules=sharding.DEFAULT_RULES)
+  assert 0.0 <= acc["overall"] <= 1.0 and set(acc) >= {"colour", "reading"}
+  _, pixels, tokens, valid = evaluation.init_inputs(cfg)
+  logits, _, _ = VLM(cfg).apply(params, pixels, tokens, valid, reduction="fastv:layer=1,keep=8", method=VLM.prefill)
+  assert np.isfinite(np.asarray(logits)).all()
