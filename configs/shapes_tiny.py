@@ -1,6 +1,6 @@
 r"""The bundled model: a small CLIP + LLaMA LLaVA trained from scratch on the synthetic benchmark.
 
-Reproduce the shipped weights (about NN minutes on a 2-core CPU, see README):
+Reproduce the shipped weights (15000 steps, about 3 to 4 hours on a 2-core CPU, see README):
   python train.py --config=configs/shapes_tiny.py --workdir=$HOME/runs/shapes_tiny
 A one-minute smoke run of the same recipe on a tiny model:
   python train.py --config=configs/shapes_tiny.py:test --workdir=/tmp/shapes_test
