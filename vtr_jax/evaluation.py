@@ -171,7 +171,7 @@ def prompt_batches(rows, tok: Tokenizer, cfg: VLMConfig, batch_size: int, mesh, 
 
 # ---- measuring ---------------------------------------------------------------------------------
 def measure(model: VLM, params, batches: Sequence[dict[str, jax.Array]], n_rows: int, spec: str, *, mesh,
-            rules: sharding.Rules, timing_runs: int = 3) -> tuple[np.ndarray, float, float, float]:
+            rules: sharding.Rules, timing_runs: int = 5) -> tuple[np.ndarray, float, float, float]:
   """(predictions int32[n_rows], mean valid visual tokens entering the LLM, median latency of one batch
   in ms, peak memory per device in MB). `params` are already placed (`placed`)."""
   b0 = batches[0]
