@@ -84,21 +84,25 @@ def twin(cfg: VLMConfig, spec: str) -> Plan:
   return Plan(tuple(parts))
 
 
-def timed(fn, args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
+def timed(fns, args, reps: int) -> list[float]:
+  """Median ms of each function over `reps` calls, interleaved (a, b, a, b, ...) after one warm-up
+  call each, so that drift in the machine's load hits every function alike."""
+  for fn in fns:
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(times))
+  times = [[] for _ in fns]
+  for _ in range(reps):
+    for fn, ts in zip(fns, times):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      ts.append(time.perf_counter() - t0)
+  return [1e3 * float(np.median(ts)) for ts in times]
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--methods", default="", help="comma-separated (default: all registered)")
   parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--reps", type=int, default=11)
   parser.add_argument("--depth_scale", type=int, default=4)
   parser.add_argument("--width_scale", type=int, default=8)
   parser.add_argument("--outdir", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -119,7 +123,8 @@ def main():
 
   text_tokens = tokens.shape[1] - 1
   full_cost = flops.prefill_cost(cfg, None, text_tokens=text_tokens, batch=args.batch)
-  t_full = timed(prefill_fn(Plan()), (params, pixels, tokens, valid), args.reps)
+  load_start = os.getloadavg()[0]
+  t_full, = timed([prefill_fn(Plan())], (params, pixels, tokens, valid), args.reps)
   methods = [m for m in (args.methods.split(",") if args.methods else registry()) if m]
   rows = [{"method": "full", "budget": 576, "spec": "none", "ms": t_full, "twin_ms": t_full, "overhead": 0.0,
            "flops_ratio": 1.0, "layer_mean_tokens": 576.0}]
@@ -129,8 +134,8 @@ def main():
       if spec is None or (name in evaluation.ADAPTIVE and k != BUDGETS[0]):
         continue
       cost = flops.prefill_cost(cfg, spec, text_tokens=text_tokens, batch=args.batch)
-      t = timed(prefill_fn(parse(spec)), (params, pixels, tokens, valid), args.reps)
-      t_twin = timed(prefill_fn(twin(cfg, spec)), (params, pixels, tokens, valid), args.reps)
+      t, t_twin = timed([prefill_fn(parse(spec)), prefill_fn(twin(cfg, spec))], (params, pixels, tokens, valid),
+                        args.reps)
       rows.append({"method": name, "budget": k, "spec": spec, "ms": t, "twin_ms": t_twin,
                    "overhead": (t - t_twin) / t, "flops_ratio": cost.prefill / full_cost.prefill,
                    "layer_mean_tokens": cost.mean_visual_tokens})
@@ -143,8 +148,8 @@ def main():
            f"- model: LLaVA-1.5-7B geometry (576 visual + {text_tokens} text tokens) with depth / "
            f"{args.depth_scale} and width / {args.width_scale}: vision {cfg.vision.num_layers} x "
            f"{cfg.vision.hidden_size}, LLM {cfg.text.num_layers} x {cfg.text.hidden_size}; batch {args.batch}; "
-           f"median of {args.reps}",
-           f"- load average at the end: {os.getloadavg()[0]:.1f}",
+           f"median of {args.reps} calls, each method interleaved with its twin",
+           f"- 1-minute load average at start / end: {load_start:.1f} / {os.getloadavg()[0]:.1f}",
            f"- command: `python benchmarks/prefill.py --batch={args.batch} --reps={args.reps}`", "",
            "| method | tokens | spec | prefill ms | FLOPs % | time % | layer-avg tokens | twin ms | scoring overhead % |",
            "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
