@@ -78,19 +78,3 @@ def _release_compiled_code(request):
   if os.environ.get("VTR_REPORT_MAPS"):
     print(f"\n[maps] {request.module.__name__}: {before} -> {_mapped_regions()}", file=sys.stderr)
 
-
-# Second instances of a contract that the default run already checks once per method: the SigLIP
-# twins of batch-equals-single (the CLIP instance runs by default), the other compressors' KV-slot
-# and decode checks, and the longer training modes. They run with `make test-slow` (CI runs both).
-SECONDARY = (
-    "test_siglip_batch_equals_single", "test_siglip_qwen2_batch_equals_single",
-    "test_flops_kv_slots_match_the_cache[tokenpacker]", "test_flops_kv_slots_match_the_cache[falcon_crops]",
-    "test_decode_equals_rerun_prefill[exit:layer=2]", "test_decode_equals_rerun_prefill[todre_llm",
-    "test_scheduled_training_runs", "test_pdrop_training_mode_runs",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-  for item in items:
-    if any(s in item.nodeid for s in SECONDARY):
-      item.add_marker(pytest.mark.slow)

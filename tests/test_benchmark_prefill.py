@@ -3,8 +3,6 @@ the script runs end to end on a scaled-down geometry and writes its table."""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,23 +10,14 @@ import sys
 
 import pytest
 
+from benchmarks import prefill as bench  # the repository root is on sys.path, as for `configs`
 from vtr_jax import evaluation, flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@functools.cache
-def _bench():
-  spec = importlib.util.spec_from_file_location("bench_prefill", os.path.join(ROOT, "benchmarks", "prefill.py"))
-  mod = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = mod  # its dataclasses look their module up
-  spec.loader.exec_module(mod)
-  return mod
-
-
 @pytest.mark.parametrize("name", ["visionzip", "tome", "fastv", "pdrop", "sparsevlm", "dart", "exit"])
 def test_twin_keeps_the_same_token_counts(name):
-  bench = _bench()
   cfg = bench.geometry(4, 16)  # ToMe needs the ViT depth to reach 128 by halving at most per block
   n = cfg.vision.num_patches
   spec = evaluation.spec_for(name, 128 / n, cfg)

@@ -8,7 +8,6 @@ and a few training steps of each `configs/shapes_tiny.py` compressor variant.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 
@@ -423,8 +422,7 @@ def test_compressor_trains_end_to_end(tmp_path, variant):
         (None, "none")]
   c.train.update(steps=4, log_every=1, eval_every=4 if variant == "falcon_crops" else 0, checkpoint_every=4)
   training.train(c, str(tmp_path), progress=False)
-  with open(tmp_path / "metrics.jsonl") as f:
-    losses = [json.loads(line)["loss"] for line in f]
+  losses = [row["loss"] for row in training.read_metrics(str(tmp_path))]
   assert len(losses) == 4 and all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.02
   cfg, params, tok = vtr_jax.load(str(tmp_path / "export"))
   assert cfg.num_image_tokens == {"falcon_crops": 5, "tokenpacker": 4, "llavolta": 17}[variant]
@@ -432,7 +430,8 @@ def test_compressor_trains_end_to_end(tmp_path, variant):
   assert set(params["params"]) == {"vision", "projector", "decoder"} and tok.vocab_size == cfg.text.vocab_size
 
 
-@pytest.mark.parametrize("variant", ["tokenpacker", "falcon", "falcon_crops"])
+@pytest.mark.parametrize("variant", [pytest.param("tokenpacker", marks=pytest.mark.slow), "falcon",
+                                     pytest.param("falcon_crops", marks=pytest.mark.slow)])
 def test_flops_kv_slots_match_the_cache(variant):
   """flops.py counts the tokens these models hand to the LLM (registers x views, packed regions)."""
   c = shapes_tiny.get_config(f"test,{variant}")

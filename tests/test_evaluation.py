@@ -90,7 +90,6 @@ def test_unknown_method_is_named(tiny_checkpoint, tmp_path):
 
 def test_shipped_model_is_the_config_it_claims():
   """The weights inside the package load strictly, match configs/shapes_tiny.py, and answer finitely."""
-  import json
   assert os.path.isdir(evaluation.SHIPPED), f"the shipped model is missing: {evaluation.SHIPPED}"
   cfg, params, tok = vtr_jax.load(evaluation.SHIPPED)
   want = _shipped_geometry()  # the HF layout keeps no run name and writes head_dim out

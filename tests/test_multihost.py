@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 import vtr_jax
+from vtr_jax import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--config=configs/shapes_tiny.py:test", "--config.train.steps=3", "--config.train.eval_every=3",
@@ -51,11 +52,6 @@ def _run_together(jobs: list[tuple[str, list[str], int, str]], timeout: int = 60
       raise AssertionError(f"{script} {' '.join(args)} ended with {rc}:\n{tail}")
 
 
-def _metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def test_two_processes_equal_one(tmp_path):
   port = _free_port()
   two, one = str(tmp_path / "two"), str(tmp_path / "one")
@@ -63,7 +59,7 @@ def test_two_processes_equal_one(tmp_path):
   _run_together([("train.py", [*TRAIN, f"--workdir={two}", *ranks, f"--process_id={i}"], 2,
                   str(tmp_path / f"train{i}.log")) for i in range(2)]
                 + [("train.py", [*TRAIN, f"--workdir={one}"], 4, str(tmp_path / "train.log"))])
-  m2, m1 = _metrics(two), _metrics(one)
+  m2, m1 = training.read_metrics(two), training.read_metrics(one)
   assert [r["step"] for r in m2] == [1, 2, 3]  # one writer: process 0
   for a, b in zip(m2, m1):
     np.testing.assert_allclose([a["loss"], a["grad_norm"]], [b["loss"], b["grad_norm"]], rtol=1e-5,

@@ -130,6 +130,7 @@ def test_batch_equals_single(spec):
   H.check_batch_equals_single(spec)
 
 
+@pytest.mark.slow  # the SigLIP twin; the CLIP instance runs by default
 @pytest.mark.parametrize("spec", ["fastervlm:keep=5", "random:keep=5", "pool:stride=2", "vtc_cls:keep=3"])
 def test_siglip_batch_equals_single(spec):
   H.check_batch_equals_single(spec, kind="siglip")

@@ -124,6 +124,7 @@ def test_batch_equals_single():
   H.check_batch_equals_single("fopru:keep=6,strategy=row")
 
 
+@pytest.mark.slow  # the SigLIP twin; the CLIP instance runs by default
 def test_siglip_batch_equals_single():
   H.check_batch_equals_single("fopru:keep=5", kind="siglip")
 

@@ -320,7 +320,8 @@ def test_drop_equals_mask_variant(spec):
 
 
 DECODE = ["fastv:layer=2,keep=5", "pdrop:layers=1/3,ratio=0.5", "sparsevlm:layers=0/2,keep=8/3",
-          "dart:layer=2,keep=8", "exit:layer=2", "todre_llm:start=1,threshold=0.7",
+          "dart:layer=2,keep=8", pytest.param("exit:layer=2", marks=pytest.mark.slow),
+          pytest.param("todre_llm:start=1,threshold=0.7", marks=pytest.mark.slow),
           "fastervlm:keep=8+pdrop:layers=1/2,ratio=0.5"]
 
 
@@ -359,6 +360,7 @@ def test_batch_equals_single(spec):
   H.check_batch_equals_single(spec)
 
 
+@pytest.mark.slow  # the SigLIP + Qwen2 twin; the CLIP instance runs by default
 def test_siglip_qwen2_batch_equals_single():
   H.check_batch_equals_single("sparsevlm:layers=0/2,keep=8/3", kind="siglip")
 

@@ -147,6 +147,7 @@ def test_batch_equals_single():
   H.check_batch_equals_single("prumerge_plus:keep=4,neighbours=4")
 
 
+@pytest.mark.slow  # the SigLIP twin; the CLIP instance runs by default
 def test_siglip_batch_equals_single():
   H.check_batch_equals_single("prumerge:keep=4", kind="siglip")
 

@@ -148,6 +148,7 @@ def test_batch_equals_single():
   H.check_batch_equals_single("visionzip:keep=8")
 
 
+@pytest.mark.slow  # the SigLIP twin; the CLIP instance runs by default
 def test_siglip_batch_equals_single():
   H.check_batch_equals_single("visionzip:dominant=4,contextual=3", kind="siglip")
 

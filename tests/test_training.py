@@ -19,11 +19,6 @@ def _config(**train):
   return c
 
 
-def _metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def _params(workdir):
   import vtr_jax
   _, params, _ = vtr_jax.load(os.path.join(workdir, "export"))
@@ -31,13 +26,16 @@ def _params(workdir):
 
 
 def test_few_steps_lower_the_loss_and_export(tmp_path):
-  c = _config(steps=10, log_every=1, eval_every=10, checkpoint_every=5)
+  c = _config(steps=10, log_every=1, eval_every=5, checkpoint_every=5)
   training.train(c, str(tmp_path), progress=False)
-  m = _metrics(str(tmp_path))
+  m = training.read_metrics(str(tmp_path))
   assert [r["step"] for r in m] == list(range(1, 11))
   assert np.mean([r["loss"] for r in m[-3:]]) < m[0]["loss"] - 0.1
   assert 0.0 <= m[-1]["val"]["overall"] <= 1.0 and set(m[-1]["val"]) >= {"colour", "reading", "overall"}
   assert os.path.exists(os.path.join(tmp_path, "export", "model.safetensors"))
+  with open(os.path.join(tmp_path, "export", "training.json")) as f:
+    info = json.load(f)  # what the export says of its run: the step and the last validation
+  assert info["step"] == info["steps"] == 10 and info["last_val"] == {"step": 10, **m[-1]["val"]}
 
 
 def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
@@ -57,7 +55,7 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
   a, b = _params(whole), _params(split)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  assert [r["loss"] for r in _metrics(whole)][-2:] == [r["loss"] for r in _metrics(split)][-2:]
+  assert [r["loss"] for r in training.read_metrics(whole)][-2:] == [r["loss"] for r in training.read_metrics(split)][-2:]
 
 
 def test_config_mismatch_names_the_field(tmp_path):
@@ -90,11 +88,12 @@ def test_projector_only_freezes_the_rest(tmp_path):
   assert not same(trained["projector"], init["projector"])
 
 
+@pytest.mark.slow
 def test_pdrop_training_mode_runs(tmp_path):
   c = shapes_tiny.get_config("test,pdrop")
   c.train.update(steps=3, eval_every=0, log_every=1)
   training.train(c, str(tmp_path), progress=False)
-  assert all(np.isfinite(r["loss"]) for r in _metrics(str(tmp_path)))
+  assert all(np.isfinite(r["loss"]) for r in training.read_metrics(str(tmp_path)))
 
 
 def test_unknown_trainable_part():
@@ -116,16 +115,17 @@ def test_reduction_schedule_parsing():
     training.reduction_schedule("pool:stride=4|none")
 
 
+@pytest.mark.slow
 def test_scheduled_training_runs(tmp_path):
   c = _config(steps=4, eval_every=0, log_every=1, reduction="2:pool:stride=2|none")
   training.train(c, str(tmp_path), progress=False)
-  assert len(_metrics(str(tmp_path))) == 4
+  assert len(training.read_metrics(str(tmp_path))) == 4
 
 
 def test_auxiliary_scene_supervision_trains_heads_but_exports_only_the_model(tmp_path):
   c = _config(steps=4, eval_every=0, log_every=1, aux_weight=1.0)
   training.train(c, str(tmp_path), progress=False)
-  m = _metrics(str(tmp_path))
+  m = training.read_metrics(str(tmp_path))
   assert all(np.isfinite(r["loss"]) for r in m)
   params = _params(str(tmp_path))
   assert set(params["params"]) == {"vision", "projector", "decoder"}

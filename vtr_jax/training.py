@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Mapping
 
 import flax
 import flax.linen as nn
@@ -335,6 +335,15 @@ def restore_or_init(mgr: ocp.CheckpointManager, model: VLM, config: ml_collectio
     raise TrainingError(f"checkpoint at step {latest} in {mgr.directory} does not fit this config: {e}") from None
 
 
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The rows of `workdir/metrics.jsonl` that `train` logs, oldest first ([] before the first)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
           stop_at: int | None = None, progress: bool = True) -> dict[str, Any]:
   """Runs (or resumes) training; returns the last logged metrics.
@@ -425,8 +434,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     state = state.replace(params=sharding.fetch(state.params))  # every process joins the gather; process 0 writes
     if lead:
       save(os.path.join(workdir, "export"), cfg, state.params, tok)
-      logged = [json.loads(l) for l in open(log_path)] if os.path.exists(log_path) else []
-      last_val = next(({"step": r["step"], **r["val"]} for r in reversed(logged) if "val" in r), None)
+      last_val = next(({"step": r["step"], **r["val"]} for r in reversed(read_metrics(workdir)) if "val" in r), None)
       with open(os.path.join(workdir, "export", "training.json"), "w") as f:
         json.dump({"step": int(state.step), "steps": total, "config": config.get("name"), "last_val": last_val}, f,
                   indent=2)
