@@ -18,8 +18,8 @@ estimate. Programs:
   train      training.make_train_step: AdamW over every parameter, bf16 compute
              and float32 parameters/moments by default (--dtype, --param_dtype),
              batch --batch, `--text` prompt tokens plus the image
-  prefill    evaluation.predictor: the answer of each sample, without reduction and under
-             each of --methods at --budget (`evaluation.spec_for`: FastV keeps 144 of 576
+  prefill    placement.predictor: the answer of each sample, without reduction and under
+             each of --methods at --budget (each method's `for_budget`: FastV keeps 144 of 576
              tokens after layer 2 at 0.25)
 
 Prints a table of per-device bytes (arguments, outputs, temporaries, aliased
@@ -94,7 +94,8 @@ def measure(args) -> list[dict]:
   import jax.numpy as jnp
   import ml_collections
 
-  from vtr_jax import evaluation, sharding, training
+  from vtr_jax import placement, sharding, training
+  from vtr_jax.reduce import registry
   from vtr_jax.models.vlm import VLM
 
   if args.topology:
@@ -113,7 +114,7 @@ def measure(args) -> list[dict]:
             "tokens": jax.ShapeDtypeStruct((b, t), jnp.int32), "valid": jax.ShapeDtypeStruct((b, t), bool)}
   train_batch = {**prompt, "targets": jax.ShapeDtypeStruct((b, t), jnp.int32),
                  "loss_mask": jax.ShapeDtypeStruct((b, t), bool)}
-  plans = ["none"] + [evaluation.spec_for(m, args.budget, cfg) for m in args.methods.split(",") if m]
+  plans = ["none"] + [registry()[m].for_budget(args.budget, cfg).spec() for m in args.methods.split(",") if m]
   jobs = [(program, reduction) for program in args.programs.split(",")
           for reduction in (["none"] if program == "train" else plans)]
   params_abs = jax.eval_shape(lambda: training.init_params(model, cfg, 0))
@@ -122,7 +123,7 @@ def measure(args) -> list[dict]:
     shape = sharding.mesh_shape(tuple(int(x) for x in text.split(",")), len(devices))
     mesh = sharding.make_mesh(shape, devices=devices[:math.prod(shape)])
     split = sharding.batch_sharding(mesh, rules, b)
-    param_sh = evaluation.param_shardings(model, mesh, rules)
+    param_sh = placement.param_shardings(model, mesh, rules)
     report = sharding.replication_report(params_abs, param_sh)
     for program, reduction in jobs:
       t0 = time.perf_counter()
@@ -132,7 +133,7 @@ def measure(args) -> list[dict]:
         compiled = step.lower(abstract(state, state_sh),
                               abstract(train_batch, {k: split for k in train_batch})).compile()
       elif program == "prefill":
-        fn = evaluation.predictor(model, reduction, mesh, rules, b)
+        fn = placement.predictor(model, reduction, mesh, rules, b)
         compiled = fn.lower(abstract(params_abs, param_sh),
                             *abstract(list(prompt.values()), [split] * len(prompt))).compile()
       else:

@@ -25,11 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vtr_jax import evaluation, flops
-from vtr_jax.models.decoder import DecoderConfig
-from vtr_jax.models.vit import VisionConfig
+from vtr_jax import flops
 from vtr_jax.models.vlm import VLM, VLMConfig, pad_prompts
-from vtr_jax.reduce import Method, Plan, parse, registry
+from vtr_jax.reduce import Plan, parse, registry
 from vtr_jax.reduce.in_llm import common as C
 
 BUDGETS = (192, 128, 64)
@@ -50,25 +48,25 @@ def geometry(depth_scale: int = 4, width_scale: int = 4) -> VLMConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class FixedDrops(Method):
+class FixedDrops(C.LLMMethod):
   """Benchmark-only (unregistered): keeps the first `counts[l]` visual tokens entering each layer."""
   name = "fixed_drops"
-  stages = ("llm",)
+  positions = "keep"
   summary = "fixed selection, no scoring"
   counts: tuple[int, ...] = ()
 
-  def layer_counts(self, n_visual, num_layers):
+  def layer_counts(self, n, num_layers, n_cls=0):
     return list(self.counts)
 
-  def llm_hook(self, text):
-    def hook(layer, state, access):
-      keep = self.counts[layer]
-      if keep >= state["n_visual"]:
-        return state
-      order = -jnp.cumsum(state["visual"].astype(jnp.float32), axis=1)  # first visual tokens score highest
-      state, _ = C.keep_visual(state, order, keep, mask=False, renumber_positions=False)
+  def boundaries(self, num_layers):
+    return tuple(i for i in range(num_layers) if i == 0 or self.counts[i] != self.counts[i - 1])
+
+  def at_boundary(self, layer, state, access):
+    keep = self.counts[layer] - state.n_cls
+    if keep >= state.n_patches:
       return state
-    return hook
+    order = -jnp.cumsum(state.visual.astype(jnp.float32), axis=1)  # first visual tokens score highest
+    return self.drop(state, order, keep)[0]
 
 
 def twin(cfg: VLMConfig, spec: str) -> Plan:
@@ -80,7 +78,7 @@ def twin(cfg: VLMConfig, spec: str) -> Plan:
       parts.append(parse(f"uniform@{m.stage}:keep={m.kept(n)}").methods[0])
       n = m.kept(n)
     elif m.stage == "llm":
-      parts.append(FixedDrops(counts=tuple(m.layer_counts(n, cfg.text.num_layers))))
+      parts.append(FixedDrops(counts=tuple(m.layer_counts(n, cfg.text.num_layers, cfg.image_class_tokens))))
   return Plan(tuple(parts))
 
 
@@ -130,9 +128,13 @@ def main():
            "flops_ratio": 1.0, "layer_mean_tokens": 576.0}]
   for name in methods:
     for k in BUDGETS:
-      spec = evaluation.spec_for(name, k / cfg.vision.num_patches, cfg) or evaluation.ADAPTIVE.get(name)
-      if spec is None or (name in evaluation.ADAPTIVE and k != BUDGETS[0]):
+      cls = registry()[name]
+      method = cls.for_budget(k / cfg.reducible_tokens, cfg)
+      if method is None and k == BUDGETS[0]:  # no budget knob: once, at its own setting
+        method = cls.unbudgeted(cfg)
+      if method is None:
         continue
+      spec = method.spec()
       cost = flops.prefill_cost(cfg, spec, text_tokens=text_tokens, batch=args.batch)
       t, t_twin = timed([prefill_fn(parse(spec)), prefill_fn(twin(cfg, spec))], (params, pixels, tokens, valid),
                         args.reps)

@@ -29,7 +29,7 @@ from vtr_jax.kernels.attention_mass import attention_mass as attention_mass_kern
 from vtr_jax.kernels.attention_mass import attention_mass_reference
 from vtr_jax.kernels.attention_mass import check_shapes as check_mass_shapes
 from vtr_jax.kernels.topk import topk_similarity_reference
-from vtr_jax.models import common
+from vtr_jax import axes
 
 IMPLS = ("reference", "pallas")
 
@@ -93,8 +93,8 @@ def _mass_on_devices(fn, q, k, masks):
   share of the heads and summed over those axes.
   """
   b, n = q.shape[:2]
-  batch = sharding.split_axes(common.ACT_BATCH, b)
-  heads = sharding.split_axes(common.ACT_HEADS, k.shape[1], exclude=batch)
+  batch = sharding.split_axes(axes.ACT_BATCH, b)
+  heads = sharding.split_axes(axes.ACT_HEADS, k.shape[1], exclude=batch)
   if not batch and not heads:
     return fn(q, k, **masks)
 

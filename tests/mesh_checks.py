@@ -23,13 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import reduce_harness as H  # noqa: E402
-from vtr_jax import evaluation, sharding, training  # noqa: E402
+from vtr_jax import placement, sharding, training  # noqa: E402
 from vtr_jax.models.vlm import VLM, pad_prompts  # noqa: E402
-from vtr_jax.reduce import registry  # noqa: E402
+from vtr_jax.reduce import registry, setting_for  # noqa: E402
 
 BATCH = 8
 RULES = sharding.DEFAULT_RULES
@@ -38,9 +37,8 @@ SELECTION_OPS = ("top_k", "sort", "argsort", "scatter", "scatter-add", "cumsum",
 
 
 def method_specs(model, names) -> dict[str, str]:
-  """One config string per method: eval's 25 % budget, else its adaptive setting, else its defaults."""
-  return {name: evaluation.spec_for(name, 0.25, model.config) or evaluation.ADAPTIVE.get(name) or name
-          for name in names}
+  """One config string per method: its 25 % budget, else its unbudgeted setting, else its defaults."""
+  return {name: setting_for(name, 0.25, model.config) or name for name in names}
 
 
 def inputs():
@@ -67,7 +65,7 @@ def prefill_all(model, specs, mesh=None):
       return run(params, pixels, tokens, valid)
 
   batch = sharding.batch_sharding(mesh, RULES, BATCH)
-  return jax.jit(sharded, in_shardings=(evaluation.param_shardings(model, mesh, RULES), batch, batch, batch))
+  return jax.jit(sharded, in_shardings=(placement.param_shardings(model, mesh, RULES), batch, batch, batch))
 
 
 def gathers(hlo: str) -> list[dict]:
@@ -98,7 +96,7 @@ def compare_prefill(model, params, specs, mesh, reference):
   fn = prefill_all(model, specs, mesh)
   split = sharding.batch_sharding(mesh, RULES, BATCH)
   batch = sharding.global_batch({"pixels": pixels, "tokens": tokens, "valid": valid}, split, BATCH)
-  params = evaluation.placed(model, params, mesh, RULES)
+  params = placement.placed(model, params, mesh, RULES)
   t0 = time.perf_counter()
   compiled = fn.lower(params, batch["pixels"], batch["tokens"], batch["valid"]).compile()
   seconds = time.perf_counter() - t0

@@ -17,7 +17,7 @@ from vtr_jax.models.decoder import DecoderConfig
 from vtr_jax.models.vit import VisionConfig
 from vtr_jax.models.vlm import VLM, VLMConfig, generate, pad_prompts
 from vtr_jax.reduce import Context, parse
-from vtr_jax.reduce.tokens import Tokens
+from vtr_jax.seams import Tokens
 
 IMAGE = 60
 GRID = 4  # 32 px images, 8 px patches: 16 patches

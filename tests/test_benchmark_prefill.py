@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from benchmarks import prefill as bench  # the repository root is on sys.path, as for `configs`
-from vtr_jax import evaluation, flops
+from vtr_jax import flops
+from vtr_jax.reduce import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_twin_keeps_the_same_token_counts(name):
   cfg = bench.geometry(4, 16)  # ToMe needs the ViT depth to reach 128 by halving at most per block
   n = cfg.vision.num_patches
-  spec = evaluation.spec_for(name, 128 / n, cfg)
+  spec = registry()[name].for_budget(128 / n, cfg).spec()
   twin = bench.twin(cfg, spec)
   method_cost = flops.prefill_cost(cfg, spec, text_tokens=64)
   twin_cost = flops.prefill_cost(cfg, twin, text_tokens=64)

@@ -29,6 +29,7 @@ from vtr_jax.models.vit import VisionConfig, VisionTower, split_crops
 from vtr_jax.models.vlm import VLM, VLMConfig, pad_prompts
 from vtr_jax.reduce import ReductionError, parse
 from vtr_jax.reduce.in_llm.llavolta import pool_visual
+from vtr_jax.seams import LLMState
 
 IMAGE = 60
 TEXT = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1)
@@ -285,16 +286,15 @@ def _pool_state(n_cls: int, g: int):
   valid[1, before[1] + n_cls + 5] = False  # a hidden patch
   positions = np.cumsum(rng.integers(1, 3, (2, t)), axis=1).astype(np.int32)
   patch = np.where(visual, np.cumsum(visual, axis=1) - 1 - n_cls, -2).astype(np.int32)
-  state = {"x": x, "positions": positions, "valid": valid, "visual": visual, "n_visual": n, "tok/patch": patch,
-           "tok/target": rng.integers(0, 50, (2, t)).astype(np.int32)}
-  return {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in state.items()}
+  target = rng.integers(0, 50, (2, t)).astype(np.int32)
+  return LLMState(jnp.asarray(x), jnp.asarray(positions), jnp.asarray(valid), jnp.asarray(visual),
+                  tokens={"patch": jnp.asarray(patch), "target": jnp.asarray(target)}, n_visual=n, n_cls=n_cls)
 
 
 def np_llavolta(state, i, s, n_cls, g):
   """The published rule for sample i, as lists of (x, position, valid, patch, target) in slot order."""
-  get = lambda k: np.asarray(state[k][i])
-  x, pos, valid, visual, patch, target = (get(k) for k in ("x", "positions", "valid", "visual", "tok/patch",
-                                                            "tok/target"))
+  x, pos, valid, visual = (np.asarray(a[i]) for a in (state.x, state.positions, state.valid, state.visual))
+  patch, target = np.asarray(state.tokens["patch"][i]), np.asarray(state.tokens["target"][i])
   start = int(np.argmax(visual))
   out = [(x[j], pos[j], valid[j], patch[j], target[j]) for j in range(start + n_cls)]
   m = -(-g // s)
@@ -313,8 +313,8 @@ def np_llavolta(state, i, s, n_cls, g):
 
 
 def _slots(state, i, rows):
-  return [(np.asarray(state["x"][i, j]), int(state["positions"][i, j]), bool(state["valid"][i, j]),
-           int(state["tok/patch"][i, j]), int(state["tok/target"][i, j])) for j in rows]
+  return [(np.asarray(state.x[i, j]), int(state.positions[i, j]), bool(state.valid[i, j]),
+           int(state.tokens["patch"][i, j]), int(state.tokens["target"][i, j])) for j in rows]
 
 
 def _assert_same(got, want):
@@ -330,18 +330,16 @@ def _assert_same(got, want):
 @pytest.mark.parametrize("n_cls,g,s", [(0, 4, 2), (1, 5, 3), (0, 3, 1)])
 def test_llavolta_pooling_matches_numpy(n_cls, g, s):
   state = _pool_state(n_cls, g)
-  n = state.pop("n_visual")
-  pool = jax.jit(lambda st, mask: pool_visual({**st, "n_visual": n}, s, mask=mask), static_argnums=1)
+  pool = jax.jit(lambda st, mask: pool_visual(st, s, mask=mask), static_argnums=1)
   dropped, masked = pool(state, False), pool(state, True)
-  state["n_visual"] = n
-  assert dropped["n_visual"] == n_cls + math.ceil(g / s) ** 2 == parse(f"llavolta:stride={s}").methods[0].kept(
-      state["n_visual"])
-  assert masked["x"].shape == state["x"].shape
+  assert dropped.n_visual == n_cls + math.ceil(g / s) ** 2 == n_cls + parse(f"llavolta:stride={s}").methods[0].kept(
+      g * g)
+  assert masked.x.shape == state.x.shape
   for i in range(2):
     want = np_llavolta(state, i, s, n_cls, g)
-    _assert_same(_slots(dropped, i, range(dropped["x"].shape[1])), want)
+    _assert_same(_slots(dropped, i, range(dropped.length)), want)
     # the mask variant: the same tokens, in the same order, among its valid slots
-    rows = np.nonzero(np.asarray(masked["valid"][i]))[0]
+    rows = np.nonzero(np.asarray(masked.valid[i]))[0]
     _assert_same(_slots(masked, i, rows), [w for w in want if w[2]])
 
 

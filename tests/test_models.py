@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vtr_jax.models.decoder import BoundaryHook, DecoderConfig
+from vtr_jax.models.decoder import DecoderConfig
 from vtr_jax.models.vit import VisionConfig, VisionTower, preprocess
 from vtr_jax.models.vlm import VLM, VLMConfig, assemble, check_pixels, check_prompts, generate, pad_prompts
-from vtr_jax.reduce.tokens import Tokens
+from vtr_jax.seams import BoundaryHook, LLMState, Tokens
 
 IMAGE = 60
 
@@ -146,20 +146,26 @@ def test_boundary_hook_sees_every_layer_and_can_shorten_caches(model_and_params)
     def fn(module, pixels, tokens, valid):
       vis, _ = module.encode_image(pixels)
       layout = module.layout(tokens, valid, vis, keep_positions=False)
-      return module.decoder.prefill(layout.x, layout.positions, layout.valid, cache_extra=2, hook=hook)
+      state = LLMState(layout.x, layout.positions, layout.valid, layout.visual, n_visual=vis.count)
+      return module.decoder.prefill(state, cache_extra=2, hook=hook)
     return fn
 
+  layers = model.config.text.num_layers
   base, cache0, _ = model.apply(params, px, toks, valid, cache_extra=2, method=VLM.prefill)
-  out, cache1, _ = model.apply(params, px, toks, valid, method=vlm_prefill(BoundaryHook(identity)))
+  out, cache1, _ = model.apply(params, px, toks, valid, method=vlm_prefill(BoundaryHook(frozenset(range(layers)),
+                                                                                         identity)))
   np.testing.assert_allclose(np.asarray(out), np.asarray(base), atol=1e-6)
-  assert seen == [(i, i) for i in range(model.config.text.num_layers)]
+  assert seen == [(i, i) for i in range(layers)]
+  seen.clear()
+  model.apply(params, px, toks, valid, method=vlm_prefill(BoundaryHook(frozenset({1}), identity)))
+  assert seen == [(1, 1)]  # only the boundaries the hook names
 
   def drop_first_four(layer, state, access):
-    if layer != 1:
-      return state
-    return {**state, **{k: state[k][:, 4:] for k in ("x", "positions", "valid")}}
+    return state.gather(jnp.broadcast_to(jnp.arange(4, state.length), (state.x.shape[0], state.length - 4)),
+                        state.n_visual)
 
-  _, cache2, _ = model.apply(params, px, toks, valid, method=vlm_prefill(BoundaryHook(drop_first_four)))
+  _, cache2, _ = model.apply(params, px, toks, valid, method=vlm_prefill(BoundaryHook(frozenset({1}),
+                                                                                       drop_first_four)))
   lengths = [lc.length for lc in cache2.layers]
   assert lengths[0] == cache0.layers[0].length and lengths[1:] == [lengths[0] - 4] * 2
 
@@ -209,7 +215,6 @@ def test_batch_equals_single(model_and_params):
 def test_siglip_without_head_initialises():
   """transformers' vision_use_head=False: no attention-pooling head, init still creates every norm."""
   cfg = small_config("siglip").vision
-  import dataclasses
   tower = VisionTower(dataclasses.replace(cfg, use_head=False))
   params = tower.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   assert "head" not in params and "post_layernorm" in params

@@ -11,7 +11,7 @@ import reduce_harness as H
 from vtr_jax.models.vit import VisionConfig
 from vtr_jax.reduce import ReductionError, parse
 from vtr_jax.reduce.pre_llm.fopru import row_indices
-from vtr_jax.reduce.tokens import Tokens
+from vtr_jax.seams import Tokens
 
 VISION = VisionConfig(image_size=32, patch_size=8, hidden_size=8, num_layers=4, num_heads=2, intermediate_size=8)
 SIGLIP = VisionConfig(kind="siglip", image_size=32, patch_size=8, hidden_size=8, num_layers=4, num_heads=2,

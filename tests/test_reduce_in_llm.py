@@ -13,7 +13,8 @@ import pytest
 import reduce_harness as H
 from vtr_jax import flops
 from vtr_jax.models.vlm import VLM, generate, pad_prompts
-from vtr_jax.reduce import Method, Plan, ReductionError, parse
+from vtr_jax.reduce import Plan, ReductionError, parse
+from vtr_jax.seams import LLMState
 from vtr_jax.reduce.in_llm import common as C
 from vtr_jax.reduce.in_llm.dart import dart_select
 from vtr_jax.reduce.in_llm.sparsevlm import dpc_knn
@@ -22,18 +23,24 @@ N_VIS = 16  # tiny model: 16 visual tokens, 4 decoder layers
 
 
 @dataclasses.dataclass(frozen=True)
-class Recorder(Method):
-  """Test-only (unregistered): copies the state entering chosen layers into `rec/<tag>/<layer>/...`."""
-  name = "recorder"
-  stages = ("llm",)
+class RecordIn(C.LLMMethod):
+  """Test-only (unregistered): reports the state at every boundary as `llm/rec_in/<layer>/...`."""
+  name = "rec_in"
   summary = "records"
-  tag: str = "in"
 
-  def llm_hook(self, text):
-    def hook(layer, state, access):
-      rec = {f"rec/{self.tag}/{layer}/{k}": state[k] for k in ("x", "positions", "valid", "visual", "tok/patch")}
-      return {**state, **rec}
-    return hook
+  def boundaries(self, num_layers):
+    return tuple(range(num_layers))
+
+  def at_boundary(self, layer, state, access):
+    return state.report(**{f"{layer}/{k}": v for k, v in (("x", state.x), ("positions", state.positions),
+                                                          ("valid", state.valid), ("visual", state.visual),
+                                                          ("patch", state.tokens["patch"]))})
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordOut(RecordIn):
+  """The same, after the methods of the plan (`llm/rec_out/<layer>/...`)."""
+  name = "rec_out"
 
 
 def run_recorded(spec: str, kind: str = "clip", seed: int = 0):
@@ -41,7 +48,7 @@ def run_recorded(spec: str, kind: str = "clip", seed: int = 0):
   model, params = H.tiny_model(kind)
   prompts, pixels = H.batch_inputs(seed)
   toks, valid = pad_prompts(prompts, 0)
-  plan = Plan((Recorder(tag="in"), *parse(spec).methods, Recorder(tag="out")))
+  plan = Plan((RecordIn(), *parse(spec).methods, RecordOut()))
   aux = _recorded_prefill(model, params, pixels, toks, valid, plan)
   return {k: np.asarray(v) for k, v in aux.items()}, params, model.config.text
 
@@ -95,8 +102,8 @@ def np_top_visual(scores, visual, valid, keep):
 
 
 def kept_patches(aux, tag, layer, i):
-  v = aux[f"llm/rec/{tag}/{layer}/visual"][i] & aux[f"llm/rec/{tag}/{layer}/valid"][i]
-  return aux[f"llm/rec/{tag}/{layer}/tok/patch"][i][v]
+  v = aux[f"llm/rec_{tag}/{layer}/visual"][i] & aux[f"llm/rec_{tag}/{layer}/valid"][i]
+  return aux[f"llm/rec_{tag}/{layer}/patch"][i][v]
 
 
 # ---- scoring rules ---------------------------------------------------------------------------
@@ -104,8 +111,8 @@ def kept_patches(aux, tag, layer, i):
 def test_fastv_rule_matches_numpy(kind):
   aux, params, cfg = run_recorded("fastv:layer=2,keep=5", kind)
   for i in range(4):
-    x, pos, val = (aux[f"llm/rec/in/1/{k}"][i] for k in ("x", "positions", "valid"))
-    vis, patch = aux["llm/rec/in/1/visual"][i], aux["llm/rec/in/1/tok/patch"][i]
+    x, pos, val = (aux[f"llm/rec_in/1/{k}"][i] for k in ("x", "positions", "valid"))
+    vis, patch = aux["llm/rec_in/1/visual"][i], aux["llm/rec_in/1/patch"][i]
     q, k = np_qk(params, 1, x.astype(np.float64), pos, cfg)
     scores = np_row_attention(q, k, len(x) - 1, val)
     expect = patch[np_top_visual(scores, vis, val, 5)]
@@ -124,14 +131,14 @@ def test_pdrop_rule_matches_numpy():
   aux, params, cfg = run_recorded("pdrop:layers=1/3,ratio=0.5")
   for i in range(4):
     for layer, keep in ((1, 8), (3, 4)):
-      x, pos, val, vis, patch = (aux[f"llm/rec/in/{layer}/{k}"][i]
-                                 for k in ("x", "positions", "valid", "visual", "tok/patch"))
+      x, pos, val, vis, patch = (aux[f"llm/rec_in/{layer}/{k}"][i]
+                                 for k in ("x", "positions", "valid", "visual", "patch"))
       q, k = np_qk(params, layer, x.astype(np.float64), pos, cfg)
       scores = np_row_attention(q, k, len(x) - 1, val)
       expect = patch[np_top_visual(scores, vis, val, keep)]
       after = kept_patches(aux, "out", layer, i)
       H.tie_aware_equal(after, expect, _patch_scores(patch, scores), keep)
-      pos_after = aux[f"llm/rec/out/{layer}/positions"][i][aux[f"llm/rec/out/{layer}/valid"][i]]
+      pos_after = aux[f"llm/rec_out/{layer}/positions"][i][aux[f"llm/rec_out/{layer}/valid"][i]]
       assert pos_after.tolist() == list(range(len(pos_after)))  # re-numbered contiguously
 
 
@@ -150,14 +157,14 @@ def np_raters(x, visual, text):
 def test_sparsevlm_raters_and_scores_match_numpy():
   aux, params, cfg = run_recorded("sparsevlm:layers=1/2,keep=8/4,recycle=false")
   for i in range(4):
-    x0, vis0, val0 = (aux[f"llm/rec/in/0/{k}"][i] for k in ("x", "visual", "valid"))
+    x0, vis0, val0 = (aux[f"llm/rec_in/0/{k}"][i] for k in ("x", "visual", "valid"))
     t = len(x0)
     last_vis = max(s for s in range(t) if vis0[s])
     text = np.array([val0[s] and not vis0[s] and s > last_vis for s in range(t)])
     rat = np_raters(x0.astype(np.float64), vis0 & val0, text)
     for layer, keep in ((1, 8), (2, 4)):
-      x, pos, val, vis, patch = (aux[f"llm/rec/out/{layer}/{k}"][i]  # the state layer `layer` runs on
-                                 for k in ("x", "positions", "valid", "visual", "tok/patch"))
+      x, pos, val, vis, patch = (aux[f"llm/rec_out/{layer}/{k}"][i]  # the state layer `layer` runs on
+                                 for k in ("x", "positions", "valid", "visual", "patch"))
       q, k = np_qk(params, layer, x.astype(np.float64), pos, cfg)
       # rater slots move with drops: the text slots after the visual block keep their order
       shift = len(x0) - len(x)
@@ -236,7 +243,7 @@ def test_attention_mass_helper_matches_numpy():
   valid = np.ones((b, t), bool)
   valid[0, :2] = False
   access = type("A", (), {"qk": staticmethod(lambda layer, x, pos: (jnp.asarray(q), jnp.asarray(k)))})
-  state = {"x": jnp.zeros((b, t, 4)), "positions": jnp.zeros((b, t), jnp.int32), "valid": jnp.asarray(valid)}
+  state = LLMState(jnp.zeros((b, t, 4)), jnp.zeros((b, t), jnp.int32), jnp.asarray(valid), jnp.zeros((b, t), bool))
   rows = jnp.array([[4, 8], [6, 8]], jnp.int32)
   out = np.asarray(C.attention_mass(access, 0, state, rows, jnp.array([[True, True], [True, False]])))
   for i, (r_rows, r_ok) in enumerate([([4, 8], [True, True]), ([6, 8], [True, False])]):
@@ -248,24 +255,24 @@ def test_attention_mass_helper_matches_numpy():
 def test_todre_llm_relevance_and_exit_match_numpy():
   threshold = 0.7  # on these inputs: samples 1 and 3 exit at layer 1, samples 0 and 2 never
   aux, params, cfg = run_recorded(f"todre_llm:start=1,threshold={threshold}")
-  assert set(aux["llm/todre/exit_layer"].tolist()) == {1, cfg.num_layers}
+  assert set(aux["llm/todre_llm/exit_layer"].tolist()) == {1, cfg.num_layers}
   for i in range(4):
     gone = False
     for layer in (1, 2, 3):
-      x, pos, val, vis = (aux[f"llm/rec/in/{layer}/{k}"][i] for k in ("x", "positions", "valid", "visual"))
+      x, pos, val, vis = (aux[f"llm/rec_in/{layer}/{k}"][i] for k in ("x", "positions", "valid", "visual"))
       q, k = np_qk(params, layer, x.astype(np.float64), pos, cfg)
       last_vis = max(s for s in range(len(x)) if vis[s])
       rows = [s for s in range(len(x)) if val[s] and not vis[s] and s > last_vis] or [len(x) - 1]
       mass = np.mean([np_row_attention(q, k, r, val) for r in rows], axis=0)
       relevance = mass[vis & val].sum()
-      np.testing.assert_allclose(aux[f"llm/todre/relevance/{layer}"][i], relevance, rtol=1e-4, atol=1e-6)
+      np.testing.assert_allclose(aux[f"llm/todre_llm/relevance/{layer}"][i], relevance, rtol=1e-4, atol=1e-6)
       if not gone and relevance < threshold:
         gone = True
-        assert aux["llm/todre/exit_layer"][i] == layer
-      after = aux[f"llm/rec/out/{layer}/valid"][i] & aux[f"llm/rec/out/{layer}/visual"][i]
+        assert aux["llm/todre_llm/exit_layer"][i] == layer
+      after = aux[f"llm/rec_out/{layer}/valid"][i] & aux[f"llm/rec_out/{layer}/visual"][i]
       assert after.any() != gone  # visual tokens are hidden exactly from the exit layer on
     if not gone:
-      assert aux["llm/todre/exit_layer"][i] == cfg.num_layers
+      assert aux["llm/todre_llm/exit_layer"][i] == cfg.num_layers
 
 
 # ---- equivalence checks -----------------------------------------------------------------------
@@ -337,7 +344,7 @@ def test_decode_equals_rerun_prefill(spec):
 
   @jax.jit
   def rerun(t, v, prompt):
-    return model.apply(params, pixels, t, v, reduction=spec, last_only=True, llm_extras={"tok/prompt": prompt},
+    return model.apply(params, pixels, t, v, reduction=spec, last_only=True, llm_extras={"prompt": prompt},
                        method=VLM.prefill)[0]
 
   for s in range(steps):

@@ -17,7 +17,7 @@ import pytest
 import reduce_harness as H
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vtr_jax import evaluation, sharding
+from vtr_jax import placement, sharding
 from vtr_jax.models import common as c
 from vtr_jax.reduce import registry
 
@@ -99,7 +99,7 @@ def test_replication_report_counts_bytes():
 def test_model_parameters_mostly_split_on_a_2x2x2_mesh():
   model, _ = H.tiny_model("clip")
   mesh = sharding.abstract_mesh((2, 2, 2))
-  abstract = jax.eval_shape(model.init, *evaluation.init_inputs(model.config))
+  abstract = jax.eval_shape(model.init, *placement.init_inputs(model.config))
   r = sharding.replication_report(nn.unbox(abstract), sharding.logical_shardings(abstract, mesh, sharding.DEFAULT_RULES))
   assert r.replicated_fraction < 0.05, r.summary()
   assert all(len(shape) == 1 for _, shape, _ in r.replicated), r.summary()  # only norms and biases stay whole

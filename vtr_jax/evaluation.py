@@ -6,94 +6,70 @@ answers, visual tokens kept (after the pre-LLM stages, and averaged over
 decoder layers for in-LLM methods), analytical prefill FLOPs, measured
 median prefill latency of one batch, and the compiled program's peak memory.
 
-Budgets are fractions of the visual tokens the model sees. Each method gets
-the config string that realises a budget (`spec_for`): `keep=` for pre-LLM
-methods (PruMerge's `keep` caps its data-dependent count; the table shows the
-measured mean of valid tokens), the nearest stride for pooling, and for
-in-LLM methods the tokens left after the last drop (FastV and DART `keep=`,
-PyramidDrop ratio (k/N)^(1/stages), SparseVLM's published schedule scaled so
-its last stage keeps k, exit at 2 x budget of the depth); the table also
-shows their average over decoder layers. Layers of in-LLM methods scale with
-depth (FastV's and DART's K=2 of 32 layers, PyramidDrop's 8/16/24,
-SparseVLM's 2/6/15). Compare methods on the accuracy-vs-FLOPs plot: FLOPs
-account every stage.
+Budgets are fractions of the visual tokens the LLM receives without
+reduction (`VLMConfig.reducible_tokens`: patches, or the registers / packed
+tokens of models that make them; a class token the tower hands on is never
+counted, methods keep it). Each method maps a budget to its own setting
+(`Method.for_budget`: `keep=` for most pre-LLM methods -- PruMerge's `keep`
+caps its data-dependent count, the table shows the measured mean of valid
+tokens --, the nearest stride for pooling, and for in-LLM methods the
+tokens left after the last drop, their layers scaled with depth); methods
+without a budget knob run once at `Method.unbudgeted`. The table shows the
+tokens entering the LLM and their average over decoder layers. Compare
+methods on the accuracy-vs-FLOPs plot: FLOPs account every stage.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import json
-import math
 import os
 import time
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vtr_jax import flops as F
 from vtr_jax import sharding
 from vtr_jax.data import vqa
 from vtr_jax.data.tokenizer import Tokenizer
-from vtr_jax.models import common as c
 from vtr_jax.models.vlm import VLM, VLMConfig
-from vtr_jax.reduce import ReductionError, parse, registry
+from vtr_jax.placement import batch_size_for, placed, predictor, prompt_batches
+from vtr_jax.reduce import ReductionError, registry
+from vtr_jax.reduce.api import target_tokens
 
 DEFAULT_BUDGETS = (0.5, 0.25, 0.125)
-# Methods whose token count is decided by the data, run once at these settings.
-ADAPTIVE = {"todre_llm": "todre_llm:start=1,threshold=0.1"}
 
 
-# ---- budgets -> config strings -----------------------------------------------------------------
-def _scaled_layer(published: int, of: int, num_layers: int, *, lo: int, hi: int) -> int:
-  return int(min(hi, max(lo, round(published * num_layers / of))))
-
-
-def spec_for(method: str, fraction: float, cfg: VLMConfig) -> str | None:
-  """The config string giving `method` about `fraction` of the visual tokens (None: not expressible)."""
-  n = cfg.vision.num_patches
-  layers = cfg.text.num_layers
-  k = max(1, int(round(fraction * n)))
-  cls = registry()[method]
-  fields = {f.name for f in dataclasses.fields(cls)}
-  if method == "pool":
-    stride = int(round(1 / math.sqrt(fraction)))
-    return f"pool:stride={stride}" if stride >= 2 else None
-  if method == "llavolta":  # pooled before the scaled layer 2 of 32; the stride whose count is nearest
-    if int(round(1 / math.sqrt(fraction))) < 2:
-      return None
-    m = cls()
-    stride = min(range(2, m.kept(n) + 1), key=lambda s: abs(dataclasses.replace(m, stride=s).kept(n) - fraction * n))
-    return f"llavolta:layer={_scaled_layer(2, 32, layers, lo=1, hi=layers - 1)},stride={stride}"
-  if method in ("fastv", "dart"):
-    layer = _scaled_layer(2, 32, layers, lo=1, hi=layers - 1)
-    return f"{method}:layer={layer},keep={k}"
-  if method == "pdrop":
-    stages = sorted({_scaled_layer(l, 32, layers, lo=1, hi=layers - 1) for l in (8, 16, 24)})
-    ratio = (k / n) ** (1 / len(stages))
-    return f"pdrop:layers={'/'.join(map(str, stages))},ratio={ratio:.4f}"
-  if method == "sparsevlm":
-    stages = sorted({_scaled_layer(l, 32, layers, lo=0, hi=layers - 2) for l in (2, 6, 15)})
-    shape = (303, 110, 36)[-len(stages):]
-    keep = "/".join(str(min(n, max(1, round(v * k / shape[-1])))) for v in shape)
-    return f"sparsevlm:layers={'/'.join(map(str, stages))},keep={keep}"
-  if method == "exit":
-    return f"exit:layer={int(min(layers - 1, max(1, round(2 * fraction * layers))))}"
-  if method == "prumerge_plus":  # outliers plus about three spatial tokens per outlier: cap at k / 4
-    return f"prumerge_plus:keep={max(1, round(k / 4))}"
-  if "keep" in fields:
-    return f"{method}:keep={k}"
-  return None
+def jobs(cfg: VLMConfig, methods: Sequence[str], budgets: Sequence[float],
+         log: Callable[[str], None] = print) -> list[tuple[str, float | None, str]]:
+  """(method, budget or None, config string) to run: the full model, then each method at each budget
+  its `for_budget` can express (or once at `unbudgeted` when it expresses none)."""
+  out = [("full", None, "none")]
+  for name in methods:
+    cls = registry()[name]
+    specs = [(b, cls.for_budget(b, cfg)) for b in budgets]
+    if all(m is None for _, m in specs):
+      once = cls.unbudgeted(cfg)
+      if once is not None:
+        out.append((name, None, once.spec()))
+        continue
+    for b, m in specs:
+      if m is None:
+        log(f"skipping {name} at {b:.3f}: no budget setting")
+        continue
+      out.append((name, b, m.spec()))
+  return out
 
 
 # ---- measuring ---------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Result:
   method: str
-  budget: float | None
+  budget: float | None  # share of the visual tokens the LLM receives (`VLMConfig.reducible_tokens`)
+  budget_tokens: int | None  # that share in tokens
   spec: str
   accuracy: float
   per_family: dict[str, float]
@@ -105,68 +81,6 @@ class Result:
   flops_ratio: float
   latency_ms: float
   peak_memory_mb: float
-
-
-# ---- the model on a mesh -------------------------------------------------------------------------
-def init_inputs(cfg: VLMConfig, seed: int = 0) -> tuple:
-  """(key, pixels, tokens, valid): a one-sample example for `VLM.init` (shapes of the parameters only)."""
-  s = cfg.vision.image_size
-  tokens = jnp.array([[cfg.image_token_id, cfg.pad_token_id]], jnp.int32)
-  return jax.random.key(seed), jnp.zeros((1, s, s, 3)), tokens, jnp.ones((1, 2), bool)
-
-
-def param_shardings(model: VLM, mesh, rules: sharding.Rules):
-  """NamedShardings of the model's parameters on `mesh`, from their logical names (nothing allocated)."""
-  return sharding.logical_shardings(jax.eval_shape(model.init, *init_inputs(model.config)), mesh, rules)
-
-
-def placed(model: VLM, params, mesh, rules: sharding.Rules):
-  """`params` (host arrays, or arrays on devices) laid out in their shardings on `mesh`."""
-  return sharding.put(params, param_shardings(model, mesh, rules))
-
-
-@functools.lru_cache(maxsize=64)
-def predictor(model: VLM, spec: str, mesh, rules: sharding.Rules, batch_size: int):
-  """jit(params, pixels, tokens, valid) -> (answer token int32[B], valid visual tokens int32[B]).
-
-  Parameters and inputs are sharded (batch over the batch axes); the two
-  small results come back replicated, so every process reads all of them.
-  """
-  plan = parse(spec)
-
-  def run(params, pixels, tokens, valid):
-    with sharding.activate(mesh, rules):
-      logits, _, aux = model.apply(params, pixels, tokens, valid, reduction=plan, last_only=True,
-                                   method=VLM.prefill)
-      return jnp.argmax(logits, axis=-1), jnp.sum(aux["reduce/valid"], axis=1)
-
-  batch = sharding.batch_sharding(mesh, rules, batch_size)
-  return jax.jit(run, in_shardings=(param_shardings(model, mesh, rules), batch, batch, batch),
-                 out_shardings=sharding.replicated(mesh))
-
-
-def batch_size_for(requested: int, mesh, rules: sharding.Rules) -> int:
-  """`requested` rounded up to a multiple of the devices the batch splits over."""
-  n = math.prod(mesh.shape[a] for a in dict(rules).get(c.ACT_BATCH, ()))
-  return -(-requested // n) * n
-
-
-def prompt_batches(rows, tok: Tokenizer, cfg: VLMConfig, batch_size: int, mesh, rules: sharding.Rules
-                   ) -> list[dict[str, jax.Array]]:
-  """Global batches of `rows` ({'pixels', 'tokens', 'valid', 'answers'}), the last padded by repeating a row.
-
-  Each process makes the inputs of its own rows of every batch only
-  (`sharding.process_rows`).
-  """
-  split = sharding.batch_sharding(mesh, rules, batch_size)
-  mine = sharding.process_rows(split, batch_size)
-  out = []
-  for i in range(0, len(rows), batch_size):
-    index = [min(i + j, len(rows) - 1) for j in mine]  # one shape: one compile
-    b = vqa.prompt_batch([rows[j] for j in index], tok, cfg.vision, length=vqa.PROMPT_LENGTH)
-    local = {"pixels": b.pixels, "tokens": b.tokens, "valid": b.valid, "answers": b.answer_ids}
-    out.append(sharding.global_batch(local, split, batch_size))
-  return out
 
 
 # ---- measuring ---------------------------------------------------------------------------------
@@ -217,20 +131,9 @@ def evaluate(model: VLM, params, rows, tok: Tokenizer, *, methods: Sequence[str]
   families = np.array([rows[i]["family"] for i in range(len(rows))])
   text_tokens = vqa.PROMPT_LENGTH - 1
   full_cost = F.prefill_cost(cfg, None, text_tokens=text_tokens)
-  jobs = [("full", None, "none")]
-  for m in methods:
-    specs = [(b, spec_for(m, b, cfg)) for b in budgets]
-    if all(spec is None for _, spec in specs) and m in ADAPTIVE:  # no budget knob: once, at its defaults
-      jobs.append((m, None, ADAPTIVE[m]))
-      continue
-    for b, spec in specs:
-      if spec is None:
-        log(f"skipping {m} at {b:.3f}: no budget setting")
-        continue
-      jobs.append((m, b, spec))
   results: list[Result] = []
   full_pred = None
-  for method, budget, spec in tqdm(jobs, desc="eval", disable=not progress, dynamic_ncols=True):
+  for method, budget, spec in tqdm(jobs(cfg, methods, budgets, log), desc="eval", disable=not progress, dynamic_ncols=True):
     try:
       cost = F.prefill_cost(cfg, spec, text_tokens=text_tokens)
       pred, n_visual, latency, peak = measure(model, params, batches, len(rows), spec, mesh=mesh, rules=rules)
@@ -243,7 +146,8 @@ def evaluate(model: VLM, params, rows, tok: Tokenizer, *, methods: Sequence[str]
     full_acc = results[0].accuracy if results else float(correct.mean())
     relative = 100 * float(correct.mean()) / full_acc if full_acc > 0 else float("nan")
     per_family = {f: float(correct[families == f].mean()) for f in sorted(set(families))}
-    results.append(Result(method=method, budget=budget, spec=spec, accuracy=float(correct.mean()),
+    results.append(Result(method=method, budget=budget, spec=spec,
+                          budget_tokens=None if budget is None else target_tokens(method, budget, cfg), accuracy=float(correct.mean()),
                           per_family=per_family, relative=100.0 if not results else relative,
                           agreement=float((pred == full_pred).mean()), visual_tokens=n_visual,
                           layer_mean_tokens=_layer_mean(cost, n_visual), prefill_gflops=cost.prefill / 1e9,
@@ -258,14 +162,24 @@ def _layer_mean(cost: F.Cost, measured: float) -> float:
 
 
 # ---- reporting ---------------------------------------------------------------------------------
+def budget_note(cfg: VLMConfig) -> str:
+  """What a budget is a share of, for this model (printed above the table)."""
+  v = cfg.vision
+  kind = ("visual registers" if v.num_registers else "packed tokens" if cfg.num_image_tokens != v.num_features
+          else "patch tokens")
+  cls = " (the class token it also receives is always kept and not counted)" if cfg.image_class_tokens else ""
+  return f"budget = share of the {cfg.reducible_tokens} {kind} per image the LLM receives{cls}"
+
+
 def table(results: Sequence[Result]) -> str:
   families = sorted({f for r in results for f in r.per_family})
-  head = (f"{'method':<14}{'budget':>7}{'acc%':>7}{'%full':>7}{'agree%':>8}{'tokens':>8}{'layer-avg':>10}"
+  head = (f"{'method':<14}{'budget':>7}{'of':>5}{'acc%':>7}{'%full':>7}{'agree%':>8}{'tokens':>8}{'layer-avg':>10}"
           f"{'GFLOPs':>8}{'FLOPs%':>8}{'ms':>8}{'MB':>7}  " + " ".join(f"{f[:7]:>7}" for f in families))
   lines = [head, "-" * len(head)]
   for r in results:
     b = "-" if r.budget is None else f"{100 * r.budget:.1f}%"
-    lines.append(f"{r.method:<14}{b:>7}{100 * r.accuracy:>7.1f}{r.relative:>7.1f}{100 * r.agreement:>8.1f}"
+    k = "-" if r.budget_tokens is None else str(r.budget_tokens)
+    lines.append(f"{r.method:<14}{b:>7}{k:>5}{100 * r.accuracy:>7.1f}{r.relative:>7.1f}{100 * r.agreement:>8.1f}"
                  f"{r.visual_tokens:>8.0f}{r.layer_mean_tokens:>10.1f}{r.prefill_gflops:>8.3f}"
                  f"{100 * r.flops_ratio:>8.1f}{r.latency_ms:>8.1f}{r.peak_memory_mb:>7.1f}  "
                  + " ".join(f"{100 * r.per_family.get(f, float('nan')):>7.1f}" for f in families))
@@ -282,10 +196,10 @@ def write(results: Sequence[Result], outdir: str, meta: dict[str, Any]) -> dict[
   families = sorted({k for r in results for k in r.per_family})
   with open(paths["csv"], "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["method", "budget", "spec", "accuracy", "relative", "agreement", "visual_tokens",
+    w.writerow(["method", "budget", "budget_tokens", "spec", "accuracy", "relative", "agreement", "visual_tokens",
                 "layer_mean_tokens", "prefill_gflops", "flops_ratio", "latency_ms", "peak_memory_mb", *families])
     for r in results:
-      w.writerow([r.method, r.budget, r.spec, r.accuracy, r.relative, r.agreement, r.visual_tokens,
+      w.writerow([r.method, r.budget, r.budget_tokens, r.spec, r.accuracy, r.relative, r.agreement, r.visual_tokens,
                   r.layer_mean_tokens, r.prefill_gflops, r.flops_ratio, r.latency_ms, r.peak_memory_mb,
                   *(r.per_family.get(k) for k in families)])
   plot(results, paths["plot"], title=meta.get("title", "accuracy vs prefill FLOPs"))
@@ -356,16 +270,18 @@ def main(*, checkpoint: str | None = None, dataset: str = "bundled", split: str 
   mesh = sharding.make_mesh(mesh_shape)
   lead = jax.process_index() == 0
   say = print if lead else (lambda *_: None)
-  say(f"model {cfg.name} from {path}: {cfg.vision.num_patches} visual tokens per image; "
+  say(f"model {cfg.name} from {path}: {cfg.num_image_tokens} visual tokens per image; "
       f"{len(rows)} examples of {dataset}/{split}; {jax.device_count()} {jax.devices()[0].platform} devices, "
       f"mesh {dict(mesh.shape)}")
   results = evaluate(VLM(cfg), params, rows, tok, methods=methods, budgets=budgets, batch_size=batch_size,
                      progress=progress and lead, log=say, mesh=mesh, rules=rules)
   if lead:
+    print(budget_note(cfg))
     print(table(results))
     paths = write(results, outdir, {"checkpoint": path, "dataset": dataset, "split": split,
                                     "examples": len(rows), "device": str(jax.devices()[0]),
                                     "mesh": dict(mesh.shape), "processes": jax.process_count(),
+                                    "budget": budget_note(cfg),
                                     "title": f"{cfg.name} on {dataset}/{split} ({len(rows)} examples)"})
     print("wrote " + ", ".join(paths.values()))
   return results

@@ -130,15 +130,16 @@ def prefill_cost(cfg: VLMConfig, plan: str | Plan | None = None, *, text_tokens:
   side = packed_grid(cfg.projector, v)
   if v.num_registers:
     n = v.num_features
-  projector = _projector_flops(cfg, n + (n_cls if (v.keep_cls and not v.num_registers) else 0))
+  llm_cls = cfg.image_class_tokens
+  projector = _projector_flops(cfg, n + llm_cls)
   if side is not None:
     n = side * side
   for m in plan.at("embed"):
     n = m.kept(n)
-  n_llm = n + (n_cls if (v.keep_cls and not v.num_registers) else 0)
+  n_llm = n + llm_cls
   visual = [n_llm] * t.num_layers
   for m in plan.at("llm"):
-    visual = [min(a, b) for a, b in zip(visual, m.layer_counts(n_llm, t.num_layers))]
+    visual = [min(a, b) for a, b in zip(visual, m.layer_counts(n, t.num_layers, llm_cls))]
   slots = [text_tokens + c for c in visual]
   llm = sum(_llm_layer(s, t) for s in slots)
   lm_head = 2 * t.hidden_size * t.vocab_size

@@ -8,7 +8,7 @@ The mesh has three axes, any of which may have size 1:
   tensor  heads, MLP width and vocabulary are split across it (Megatron-style
           tensor parallelism).
 
-Every parameter carries logical axis names (`vtr_jax.models.common`), and
+Every parameter carries logical axis names (`vtr_jax.axes`), and
 activations are constrained by logical names at the model's seams. Rules in
 the config map each logical name to mesh axes:
 
@@ -47,7 +47,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from vtr_jax.models import common as c
+from vtr_jax import axes as c
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

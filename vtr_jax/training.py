@@ -34,7 +34,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from vtr_jax import evaluation, sharding, supervision
+from vtr_jax import placement, sharding, supervision
 from vtr_jax.data import scenes, vqa
 from vtr_jax.data.tokenizer import Tokenizer
 from vtr_jax.models.decoder import DecoderConfig
@@ -109,13 +109,13 @@ def optimizer(config: ml_collections.ConfigDict, params, heads=None) -> optax.Gr
 def init_params(model: VLM, cfg: VLMConfig, seed: int, mesh=None, rules: sharding.Rules = sharding.DEFAULT_RULES):
   """The model's initial parameters (unboxed); on `mesh`, made directly in their shardings."""
   if mesh is None:
-    return nn.unbox(jax.jit(model.init)(*evaluation.init_inputs(cfg, seed)))
-  return sharding.init_params(model.init, mesh, rules, *evaluation.init_inputs(cfg, seed))[0]
+    return nn.unbox(jax.jit(model.init)(*placement.init_inputs(cfg, seed)))
+  return sharding.init_params(model.init, mesh, rules, *placement.init_inputs(cfg, seed))[0]
 
 
 def _fresh_state(model: VLM, config: ml_collections.ConfigDict, aux_weight: float, seed: int) -> TrainState:
   """The state before step 0 (under `jax.jit` or `jax.eval_shape`)."""
-  params = nn.unbox(model.init(*evaluation.init_inputs(model.config, seed)))
+  params = nn.unbox(model.init(*placement.init_inputs(model.config, seed)))
   heads = supervision.init_heads(model.config.vision, seed) if aux_weight else {}
   tx = optimizer(config, params, heads)
   return TrainState(jnp.asarray(0, jnp.int32), params, heads, tx.init({"model": params, "heads": heads}))
@@ -129,7 +129,7 @@ def state_shardings(model: VLM, config: ml_collections.ConfigDict, aux_weight: f
   parameters; the step, the auxiliary heads and scalars are replicated.
   """
   abstract = jax.eval_shape(functools.partial(_fresh_state, model, config, aux_weight, 0))
-  params = evaluation.param_shardings(model, mesh, rules)
+  params = placement.param_shardings(model, mesh, rules)
   rep = sharding.replicated(mesh)
   heads = jax.tree_util.tree_map(lambda _: rep, abstract.heads)
   opt = sharding.like_params(abstract.opt_state, {"model": abstract.params, "heads": abstract.heads},
@@ -147,11 +147,11 @@ def loss_and_metrics(trainable, model: VLM, batch: Mapping[str, Array], reductio
   aligned with the logits even when an in-LLM method drops tokens.
   """
   params = trainable["model"]
-  extras = {"tok/target": batch["targets"], "tok/loss": batch["loss_mask"]}
+  extras = {"target": batch["targets"], "loss": batch["loss_mask"]}
   if query_rows:  # PyramidDrop's training rule: the rows just before the answer
     first = batch["loss_mask"] & ~jnp.pad(batch["loss_mask"], ((0, 0), (1, 0)))[:, :-1]
-    extras["tok/query"] = first
-    extras["tok/prompt"] = batch["valid"] & ~batch["loss_mask"] | first
+    extras["query"] = first
+    extras["prompt"] = batch["valid"] & ~batch["loss_mask"] | first
   logits, _, aux = model.apply(params, batch["pixels"], batch["tokens"], batch["valid"], reduction=reduction,
                                llm_extras=extras, method=VLM.prefill)
   targets, mask = aux["llm/tok/target"], aux["llm/tok/loss"] & aux["llm/valid"]
@@ -277,9 +277,9 @@ def answer_accuracy(model: VLM, params, rows, tok: Tokenizer, *, mesh, rules: sh
 
   `params` are laid out on `mesh` (as the train state's); each process loads its rows of every batch.
   """
-  batch_size = evaluation.batch_size_for(batch_size, mesh, rules)
-  batches = evaluation.prompt_batches(rows, tok, model.config, batch_size, mesh, rules)
-  prefill = evaluation.predictor(model, parse(reduction).spec, mesh, rules, batch_size)
+  batch_size = placement.batch_size_for(batch_size, mesh, rules)
+  batches = placement.prompt_batches(rows, tok, model.config, batch_size, mesh, rules)
+  prefill = placement.predictor(model, parse(reduction).spec, mesh, rules, batch_size)
   outs = sharding.fetch([(prefill(params, b["pixels"], b["tokens"], b["valid"])[0], b["answers"]) for b in batches])
   pred = np.concatenate([p for p, _ in outs])[:len(rows)]
   answers = np.concatenate([a for _, a in outs])[:len(rows)]

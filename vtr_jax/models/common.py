@@ -4,8 +4,9 @@ Einsum letters used in this package (as in big_vision's gemma.py):
   B batch, T query length, S key/value length, N query heads, K kv heads,
   G query heads per kv head (N = K * G), H head dim, D model dim, F mlp dim.
 
-Logical axis names live here, once: every parameter is created through
-`param_axes`, so `vtr_jax.sharding` can map names to mesh axes from a config.
+Logical axis names live in `vtr_jax.axes` (re-exported here for the model
+files); every parameter is created through `param_axes`, so `vtr_jax.sharding`
+can map names to mesh axes from a config.
 """
 
 from __future__ import annotations
@@ -16,24 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Logical axis names of parameters.
-EMBED = "embed"
-MLP = "mlp"
-HEADS = "heads"
-KV_HEADS = "kv_heads"
-HEAD_DIM = "head_dim"
-VOCAB = "vocab"
-NORM = "norm"
-POSITIONS = "positions"
-PATCH = "patch"  # conv kernel height / width
-CHANNELS = "channels"
-
-# Logical axis names of activations (used by `nn.with_logical_constraint`).
-ACT_BATCH = "activation_batch"
-ACT_LENGTH = "activation_length"
-ACT_EMBED = "activation_embed"
-ACT_HEADS = "activation_heads"
-ACT_VOCAB = "activation_vocab"
+from vtr_jax import sharding
+from vtr_jax.axes import (ACT_BATCH, ACT_EMBED, ACT_HEADS, ACT_LENGTH, ACT_VOCAB, CHANNELS, EMBED, HEAD_DIM,  # noqa: F401
+                          HEADS, KV_HEADS, MLP, NORM, PATCH, POSITIONS, VOCAB)
 
 
 def param_axes(init: Callable, axes: Sequence[str]) -> Callable:
@@ -43,7 +29,6 @@ def param_axes(init: Callable, axes: Sequence[str]) -> Callable:
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """Activation sharding constraint by logical names (no-op outside a mesh with `vtr_jax.sharding` rules)."""
-  from vtr_jax import sharding  # sharding imports this module's names
   return sharding.constrain(x, axes)
 
 

@@ -8,15 +8,14 @@ K kv heads, H head dim, D model dim, F mlp dim, V vocabulary.
   attention, SwiGLU MLP. Qwen2 adds q/k/v biases and its own RoPE base.
 - The KV cache is one `LayerCache` per layer, each with its own static length,
   because in-LLM token reduction shortens the caches of later layers.
-- `prefill` runs the layers as a Python loop and calls an optional
-  `BoundaryHook` before every layer: the seam where in-LLM methods score,
-  drop or merge tokens (`vtr_jax.reduce`).
+- `prefill` runs the layers as a Python loop over an `LLMState` and calls an
+  optional `BoundaryHook` before the layers it names: the seam where in-LLM
+  methods score, drop or merge tokens (`vtr_jax.seams`, `vtr_jax.reduce`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from vtr_jax.models import common as c
+from vtr_jax.seams import BoundaryHook, LayerAccess, LLMState
 
 Array = jax.Array
 
@@ -220,32 +220,6 @@ class DecoderLayer(nn.Module):
     return x, k, v, cache
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerAccess:
-  """What a boundary hook may use besides the token state.
-
-  Attributes:
-    qk: `qk(layer, x, positions) -> (q float[B, T, N, H], k float[B, T, K, H])`,
-      the roped projections of layer `layer` for hidden states entering it.
-    final_norm: the decoder's last RMSNorm.
-    caches: the layer caches built so far (layers before this boundary).
-  """
-  qk: Callable[[int, Array, Array], tuple[Array, Array]]
-  final_norm: Callable[[Array], Array]
-  caches: tuple[LayerCache, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class BoundaryHook:
-  """`fn(layer, state, access) -> state`, called before each decoder layer.
-
-  `state` is a dict with at least `x` float[B, T, D], `positions` int32[B, T]
-  and `valid` bool[B, T]; the caller may add entries (e.g. `visual` bool[B, T])
-  and the hook may change T and add entries; everything comes back in aux.
-  """
-  fn: Callable[[int, dict, LayerAccess], dict]
-
-
 class Decoder(nn.Module):
   config: DecoderConfig
 
@@ -278,38 +252,38 @@ class Decoder(nn.Module):
 
   def __call__(self, tokens: Array, positions: Array, valid: Array) -> Array:
     """Text-only forward (used by `init`): int32[B, T] -> float32[B, T, V]."""
-    logits, _, _ = self.prefill(self.embed(tokens), positions, valid)
+    x = self.embed(tokens)
+    logits, _, _ = self.prefill(LLMState(x, positions, valid, jnp.zeros(valid.shape, bool)))
     return logits
 
-  def prefill(self, x: Array, positions: Array, valid: Array, *, cache_extra: int | None = None,
-              hook: BoundaryHook | None = None, state_extras: dict | None = None,
-              last_only: bool = False) -> tuple[Array, KVCache | None, dict]:
+  def prefill(self, state: LLMState, *, cache_extra: int | None = None, hook: BoundaryHook | None = None,
+              last_only: bool = False) -> tuple[Array, KVCache | None, LLMState]:
     """Runs every layer over a left-padded sequence.
 
     Args:
-      x: float[B, T, D] input embeddings.
-      positions: int32[B, T] RoPE position ids.
-      valid: bool[B, T] real tokens (False for padding or masked tokens).
+      state: the input: embeddings `x` float[B, T, D], RoPE `positions`
+        int32[B, T], `valid` bool[B, T] (False for padding), `visual` and the
+        per-token entries in-LLM methods read (see `LLMState`).
       cache_extra: build a KV cache with this many free slots per layer for
         decoding (None: no cache).
-      hook: optional boundary hook (in-LLM token reduction).
-      state_extras: extra entries for the hook's state (e.g. `visual`).
+      hook: optional boundary hook (in-LLM token reduction), called before the
+        layers in `hook.layers`.
       last_only: return only the last slot's logits, float32[B, V].
     Returns:
-      (logits float32[B, T', V] or [B, V], cache or None, final hook state).
+      (logits float32[B, T', V] or [B, V], cache or None, final state).
     """
-    state = {"x": x, "positions": positions, "valid": valid, **(state_extras or {})}
     caches: list[LayerCache] = []
     for i, layer in enumerate(self.layers):
-      if hook is not None:
-        access = LayerAccess(qk=self.layer_qk, final_norm=self.norm, caches=tuple(caches))
-        state = dict(hook.fn(i, state, access))
-      mask = c.causal_mask(state["valid"], state["valid"])
-      x, k, v, _ = layer(state["x"], state["positions"], mask)
-      state["x"] = x
+      if hook is not None and i in hook.layers:
+        access = LayerAccess(qk=self.layer_qk, final_norm=self.norm, caches=tuple(caches),
+                             num_layers=self.config.num_layers)
+        state = hook.fn(i, state.replace(layer=i), access)
+      mask = c.causal_mask(state.valid, state.valid)
+      x, k, v, _ = layer(state.x, state.positions, mask)
+      state = state.replace(x=x)
       if cache_extra is not None:
-        caches.append(_new_cache(k, v, state["valid"], state["positions"], cache_extra))
-    x = state["x"]
+        caches.append(_new_cache(k, v, state.valid, state.positions, cache_extra))
+    x = state.x
     logits = self.logits(x[:, -1:])[:, 0] if last_only else self.logits(x)
     cache = KVCache(tuple(caches)) if cache_extra is not None else None
     return logits, cache, state

@@ -16,7 +16,7 @@ import numpy as np
 
 from vtr_jax.models import common as c
 from vtr_jax.models.vit import VisionConfig
-from vtr_jax.reduce.tokens import Tokens
+from vtr_jax.seams import Tokens
 
 PROJECTOR_KINDS = ("mlp2x_gelu", "linear", "tokenpacker")
 _SETTINGS = {"tokenpacker": {"scale": 2}}  # kind -> setting -> default (all ints)

@@ -27,13 +27,14 @@ of one image attend to each other (ReAtten), so the LLM receives
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vtr_jax.models import common as c
+from vtr_jax.seams import BlockHook
 
 Array = jax.Array
 
@@ -309,23 +310,6 @@ class AttentionPoolingHead(nn.Module):
                         bias_init=c.param_axes(nn.initializers.zeros, (c.EMBED,)))(out)
     h = h + VisionMLP(cfg, name="mlp")(_layer_norm(cfg, "layernorm")(h))
     return h[:, 0]
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockHook:
-  """A function called inside every block, between attention and MLP.
-
-  `fn(layer, state) -> state` where state is a dict with at least
-  `x` float[B, T, D] (hidden states after attention), `q`, `k`
-  float[B, T, N, H] (the block's projections), `metric` float[B, T, H] (its
-  head-mean keys) and `size` float[B, T] (patches per token); it may change T
-  and carry its own entries (they come back in the aux dict under
-  `vision/hook/<name>`; `positions` int32[B, T], the tower index of the token
-  each one stands for, class token at 0, becomes the tokens' positions). When
-  it sets `proportional=True`, later blocks add log(size) to every attention
-  logit (ToMe's proportional attention).
-  """
-  fn: Callable[[int, dict], dict]
 
 
 class VisionTower(nn.Module):

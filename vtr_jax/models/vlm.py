@@ -25,12 +25,12 @@ import numpy as np
 
 from vtr_jax import sharding
 from vtr_jax.models import common as c
-from vtr_jax.models.decoder import BoundaryHook, Decoder, DecoderConfig, KVCache
+from vtr_jax.models.decoder import Decoder, DecoderConfig, KVCache
 from vtr_jax.models.projector import TokenPacker, make_projector, packed_grid
 from vtr_jax.models.vit import VisionConfig, VisionTower, check_pixels
-from vtr_jax.reduce.api import Context, Plan, parse
-from vtr_jax.reduce.primitives import fingerprint
-from vtr_jax.reduce.tokens import Tokens
+from vtr_jax.reduce import primitives as P
+from vtr_jax.reduce.api import Context, Plan, implements, llm_boundary_hook, parse
+from vtr_jax.seams import TEXT, LLMState, Tokens, splice
 
 Array = jax.Array
 
@@ -66,6 +66,23 @@ class VLMConfig:
     return self.vision.num_features if side is None else side * side
 
   @property
+  def image_class_tokens(self) -> int:
+    """1 when the tower hands its class token on to the LLM (it leads the visual block), else 0."""
+    return int(self.vision.has_cls and self.vision.keep_cls and not self.vision.num_registers)
+
+  @property
+  def reducible_tokens(self) -> int:
+    """Visual tokens per image the LLM receives that reduction budgets count: registers or packed
+    tokens where the model makes them, never a class token (methods always keep it)."""
+    return self.num_image_tokens - self.image_class_tokens
+
+  def tokens_at(self, stage: str) -> int:
+    """Tokens per image a method at `stage` receives without earlier reduction (class token aside)."""
+    if stage == "vision":
+      return self.vision.num_features - self.image_class_tokens
+    return self.reducible_tokens
+
+  @property
   def image_positions(self) -> int:
     """Position ids one image spans under the `keep` policy: the tower's feature tokens.
 
@@ -87,7 +104,7 @@ class PromptLayout(NamedTuple):
 
 def assemble(text_x: Array, text_valid: Array, image_slot: Array, vis: Tokens, *,
              keep_positions: bool, num_original: int) -> PromptLayout:
-  """Replaces each sample's placeholder slot with its K visual tokens.
+  """Replaces each sample's placeholder slot with its K visual tokens (`seams.splice`).
 
   Args:
     text_x: float[B, T, D] prompt embeddings (placeholder included).
@@ -103,39 +120,31 @@ def assemble(text_x: Array, text_valid: Array, image_slot: Array, vis: Tokens, *
   Returns:
     the layout of the T - 1 + K slot sequence.
   """
-  b, t, d = text_x.shape
+  b, t = text_valid.shape
   k = vis.count
-  out_len = t - 1 + k
-  j = jnp.arange(out_len)[None, :]  # [1, T']
-  p = image_slot[:, None]  # [B, 1]
-  is_vis = (j >= p) & (j < p + k)
-  text_idx = jnp.clip(jnp.where(j < p, j, j - k + 1), 0, t - 1)
-  vis_idx = jnp.clip(j - p, 0, k - 1)
-  take = lambda arr, idx: jnp.take_along_axis(arr, idx.reshape(idx.shape + (1,) * (arr.ndim - 2)), axis=1)
-  x = jnp.where(is_vis[..., None], take(vis.x.astype(text_x.dtype), vis_idx), take(text_x, text_idx))
-  valid = jnp.where(is_vis, take(vis.valid, vis_idx), take(text_valid, text_idx))
+  place = lambda text, visual: splice(text, image_slot, 1, visual)  # noqa: E731
+  x = place(text_x, vis.x)
+  valid = place(text_valid, vis.valid)
+  visual = place(jnp.zeros((b, t), bool), jnp.ones((b, k), bool))
   if keep_positions:
-    before = jnp.sum(text_valid & (jnp.arange(t)[None] < p), axis=1, keepdims=True)  # [B, 1]
-    prefix_pos = jnp.cumsum(valid & (j < p), axis=1) - 1
+    text_pos = jnp.cumsum(text_valid, axis=1) - 1  # [B, T]; the placeholder counts as one position
+    before = P.take(text_pos, image_slot[:, None])  # [B, 1] valid text tokens before the image
+    after = jnp.arange(t)[None] > image_slot[:, None]
+    text_pos = jnp.where(after, text_pos + num_original - 1, text_pos)
     first_vis = jnp.min(jnp.where(vis.valid, vis.positions, np.iinfo(np.int32).max), axis=1, keepdims=True)
     offset = jnp.minimum(first_vis, 0)  # a kept class token sits at -1
-    vis_pos = before + take(vis.positions, vis_idx) - offset
-    suffix_pos = before + num_original + jnp.cumsum(valid & (j >= p + k), axis=1) - 1
-    positions = jnp.where(j < p, prefix_pos, jnp.where(is_vis, vis_pos, suffix_pos))
+    positions = place(text_pos, before + vis.positions - offset)
   else:
     positions = jnp.cumsum(valid, axis=1) - 1
   positions = jnp.where(valid, jnp.maximum(positions, 0), 0).astype(jnp.int32)
-  patch = jnp.where(is_vis, take(vis.positions, vis_idx), -2).astype(jnp.int32)
-  return PromptLayout(x, positions, valid, is_vis, image_slot.astype(jnp.int32), patch)
+  patch = place(jnp.full((b, t), TEXT, jnp.int32), vis.positions.astype(jnp.int32))
+  return PromptLayout(x, positions, valid, visual, image_slot.astype(jnp.int32), patch)
 
 
 def to_slots(values: Array, image_slot: Array, k: int) -> Array:
   """Per-token values [B, T, ...] -> per-slot [B, T - 1 + k, ...]; visual slots copy the placeholder's."""
-  t = values.shape[1]
-  j = jnp.arange(t - 1 + k)[None, :]
-  p = image_slot[:, None]
-  src = jnp.where(j < p, j, jnp.where(j < p + k, p, j - k + 1))
-  return jnp.take_along_axis(values, src.reshape(src.shape + (1,) * (values.ndim - 2)), axis=1)
+  at_slot = P.take(values, image_slot[:, None])  # [B, 1, ...]
+  return splice(values, image_slot, 1, jnp.repeat(at_slot, k, axis=1))
 
 
 class VLM(nn.Module):
@@ -190,8 +199,10 @@ class VLM(nn.Module):
     if vcfg.has_cls and vcfg.keep_cls:  # the class token is not a patch: methods never see or drop it
       cls, tokens = _split_first(tokens)
     text_x, text_valid, image_slot = text if text is not None else (None, None, None)
-    ctx = Context(vcfg, aux, text_x, text_valid, image_slot, fingerprint(pixels))
+    ctx = Context(vcfg, aux, text_x, text_valid, image_slot, P.fingerprint(pixels))
     for m in vision_methods:
+      if not implements(m, "reduce"):  # acts inside the tower blocks only (its `block_hook`)
+        continue
       tokens, method_aux = sharding.per_sample(m.reduce)(tokens, ctx)
       aux.update({f"reduce/{m.name}/{k}": v for k, v in method_aux.items()})
     if isinstance(self.projector, TokenPacker):  # regions of the grid -> one token each
@@ -221,16 +232,17 @@ class VLM(nn.Module):
       reduction: a `Plan` or config string such as "visionzip:keep=64".
       cache_extra: free KV slots per layer for decoding (None: no cache).
       last_only: logits of the last slot only (float32[B, V]).
-      llm_extras: per-token entries (`tok/...`, [B, T] like `tokens`) for
-        in-LLM methods; visual slots take the placeholder's value. E.g.
-        `tok/prompt` (False on tokens appended after the prompt) and
-        `tok/query` (PyramidDrop's training rows).
+      llm_extras: per-token entries ([B, T] like `tokens`) for in-LLM methods
+        and training, carried in `LLMState.tokens` (visual slots take the
+        placeholder's value): `prompt` (False on tokens appended after the
+        prompt), `query` (PyramidDrop's training rows), `target`, `loss`.
     Returns:
       (logits float32[B, T', V] or [B, V], cache, aux). T' = T - 1 + visual
       tokens kept (fewer after in-LLM reduction); aux holds `prompt/visual`,
-      `prompt/valid`, `prompt/positions` of the decoder input, `llm/...` the
-      final in-LLM state (`llm/valid`, `llm/visual`, `llm/tok/patch`: which
-      patches reach the last layer) and the methods' entries.
+      `prompt/valid`, `prompt/positions` of the decoder input, the final
+      in-LLM state (`llm/valid`, `llm/visual`, `llm/positions`, per-token
+      entries as `llm/tok/<name>`: `llm/tok/patch` says which patches reach
+      the last layer) and the methods' reports (`llm/<method>/<name>`).
     """
     plan = parse(reduction)
     seq = (c.ACT_BATCH, c.ACT_LENGTH, c.ACT_EMBED)  # activation sharding at the seams (vtr_jax.sharding)
@@ -242,15 +254,20 @@ class VLM(nn.Module):
                       num_original=self.config.image_positions)
     aux.update({"prompt/visual": layout.visual, "prompt/valid": layout.valid,
                 "prompt/positions": layout.positions})
-    extras = {"visual": layout.visual, "n_visual": vis.count, "tok/patch": layout.patch}
+    per_token = {"patch": layout.patch}
     for key, value in (llm_extras or {}).items():
-      if not key.startswith("tok/"):
-        raise ValueError(f"llm_extras keys must start with 'tok/' (per-token entries), got {key!r}")
-      extras[key] = to_slots(value, image_slot, vis.count)
+      if key in per_token or "/" in key:
+        raise ValueError(f"llm_extras: {key!r} is reserved or not a plain name; give per-token entries such as "
+                         "'prompt', 'query', 'target', 'loss'")
+      per_token[key] = to_slots(jnp.asarray(value), image_slot, vis.count)
+    state = LLMState(layout.x, layout.positions, layout.valid, layout.visual, tokens=per_token,
+                     n_visual=vis.count, n_cls=self.config.image_class_tokens)
     logits, cache, state = self.decoder.prefill(
-        layout.x, layout.positions, layout.valid, cache_extra=cache_extra, last_only=last_only,
-        hook=llm_hook(plan, self.config.text), state_extras=extras)
-    aux.update({f"llm/{k}": v for k, v in state.items() if k != "x" and isinstance(v, jax.Array)})
+        state, cache_extra=cache_extra, last_only=last_only,
+        hook=llm_boundary_hook(plan, self.config.text.num_layers))
+    aux.update({"llm/valid": state.valid, "llm/visual": state.visual, "llm/positions": state.positions})
+    aux.update({f"llm/tok/{k}": v for k, v in state.tokens.items()})
+    aux.update({f"llm/{k}": v for k, v in state.reports.items()})
     return logits, cache, aux
 
   def layout(self, tokens: Array, valid: Array, vis: Tokens, *, keep_positions: bool) -> PromptLayout:
@@ -273,20 +290,6 @@ def _split_first(tokens: Tokens) -> tuple[Tokens, Tokens]:
   head = jax.tree_util.tree_map(lambda a: a[:, :1], tokens)
   rest = jax.tree_util.tree_map(lambda a: a[:, 1:], tokens)
   return head, rest
-
-
-def llm_hook(plan: Plan, text: DecoderConfig) -> BoundaryHook | None:
-  """The plan's llm-stage methods chained into one boundary hook (None if there are none)."""
-  fns = [f for f in (m.llm_hook(text) for m in plan.at("llm")) if f is not None]
-  if not fns:
-    return None
-
-  def run(layer, state, access):
-    for fn in fns:
-      state = fn(layer, state, access)
-    return state
-
-  return BoundaryHook(sharding.per_sample(run))  # per device on its own samples, see `sharding.per_sample`
 
 
 def check_prompts(tokens, valid, image_token_id: int) -> None:

@@ -11,8 +11,8 @@ import importlib
 import pkgutil
 
 from vtr_jax.reduce.api import (Context, Method, Plan, ReductionError, parse, parse_method, register, registry,
-                                resolve_budget)
-from vtr_jax.reduce.tokens import Tokens
+                                resolve_budget, setting_for)
+from vtr_jax.seams import LLMState, Tokens
 
 
 def _import_methods() -> None:
@@ -33,5 +33,5 @@ def describe() -> str:
   return "\n".join(rows)
 
 
-__all__ = ["Context", "Method", "Plan", "ReductionError", "Tokens", "describe", "parse", "parse_method", "register",
-           "registry", "resolve_budget"]
+__all__ = ["Context", "LLMState", "Method", "Plan", "ReductionError", "Tokens", "describe", "parse", "parse_method",
+           "register", "registry", "resolve_budget", "setting_for"]

@@ -16,6 +16,18 @@ where it acts and what it promises:
 Budgets are static: an int `keep`, or a `ratio` of the tokens the method
 receives, resolved to an int at trace time. Methods whose published rule
 yields a data-dependent count use a fixed maximum plus `Tokens.valid`.
+
+A method owns its budget mapping: `Method.for_budget(fraction, model)` is the
+setting that gives the LLM about `fraction` of the visual tokens it receives
+without reduction (`model.reducible_tokens`), so evaluation, benchmarks and
+tests ask the method instead of knowing it.
+
+Registration checks that every stage a method declares has its hook:
+`reduce` (or `block_hook`, inside the tower) for `vision`, `reduce` for
+`embed`, `boundaries` + `at_boundary` for `llm`, `compress_cache` for `kv`.
+In-LLM methods run through `llm_boundary_hook`, which gives each one its own
+namespace in the typed `LLMState` and clears its scratch after its last
+boundary.
 """
 
 from __future__ import annotations
@@ -23,12 +35,13 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 import flax
 import jax
 
-from vtr_jax.reduce.tokens import Tokens
+from vtr_jax import sharding
+from vtr_jax.seams import BoundaryHook, LayerAccess, LLMState, Tokens
 
 STAGES = ("vision", "embed", "llm", "kv")
 POSITION_POLICIES = ("renumber", "keep")
@@ -101,10 +114,33 @@ class Method:
       raise ReductionError(f"method {self.name!r} cannot act at stage {self.stage!r}; "
                            f"it supports: {', '.join(self.stages)}")
 
-  # -- planning (static) ----------------------------------------------------------------------
+  # -- budgets (static) ----------------------------------------------------------------------
   def kept(self, n: int) -> int:
-    """Visual tokens this method hands on when it receives n (raises if impossible)."""
+    """Visual tokens this method hands on when it receives n (raises if impossible).
+
+    In-LLM methods: n counts the tokens a selection may drop (a kept class
+    token is not counted, see `LLMState.n_cls`).
+    """
     return n
+
+  @classmethod
+  def for_budget(cls, fraction: float, model) -> "Method | None":
+    """This method's setting for about `fraction` of the visual tokens the LLM receives (None: no
+    setting expresses it).
+
+    `model` is the `VLMConfig` (read: `reducible_tokens`, `text.num_layers`,
+    `vision`). The default sets `keep` to that share of `model.reducible_tokens`;
+    methods with other knobs override it.
+    """
+    k = target_tokens(cls.name, fraction, model)
+    if "keep" not in {f.name for f in dataclasses.fields(cls)}:
+      return None
+    return cls(keep=k)
+
+  @classmethod
+  def unbudgeted(cls, model) -> "Method | None":
+    """The setting to evaluate once when the method has no budget knob (adaptive methods), else None."""
+    return None
 
   # -- vision / embed stages ------------------------------------------------------------------
   def vision_extras(self, vision) -> frozenset:
@@ -121,16 +157,26 @@ class Method:
 
   def reduce(self, tokens: Tokens, ctx: Context) -> tuple[Tokens, dict[str, Any]]:
     """Vision/embed stage: tokens -> (fewer or merged tokens, aux)."""
-    return tokens, {}
+    raise NotImplementedError
 
   # -- llm stage ------------------------------------------------------------------------------
-  def llm_hook(self, text) -> Callable | None:
-    """`fn(layer, state, access) -> state` run before each decoder layer (`BoundaryHook.fn`)."""
-    return None
+  def boundaries(self, num_layers: int) -> tuple[int, ...]:
+    """The decoder layer boundaries this method acts at (before those layers), validated."""
+    raise NotImplementedError
 
-  def layer_counts(self, n_visual: int, num_layers: int) -> list[int]:
-    """Visual tokens entering each decoder layer given n_visual at the input."""
-    return [n_visual] * num_layers
+  def at_boundary(self, layer: int, state: LLMState, access: LayerAccess) -> LLMState:
+    """Llm stage: the state entering decoder layer `layer` -> the state that layer runs on."""
+    raise NotImplementedError
+
+  def layer_counts(self, n: int, num_layers: int, n_cls: int = 0) -> list[int]:
+    """Visual tokens entering each decoder layer (class token included) given n droppable visual
+    tokens and n_cls class tokens at the LLM input."""
+    return [n + n_cls] * num_layers
+
+  # -- kv stage -------------------------------------------------------------------------------
+  def compress_cache(self, cache, view):
+    """Kv stage: a layer's cache -> the cache of the plan's static capacity."""
+    raise NotImplementedError
 
   # -- text -----------------------------------------------------------------------------------
   def spec(self) -> str:
@@ -153,10 +199,34 @@ def register(cls: type[Method]) -> type[Method]:
     raise TypeError(f"{cls.__name__}.stages {cls.stages} must be among {STAGES}")
   if cls.positions not in POSITION_POLICIES or cls.order not in ORDERS:
     raise TypeError(f"{cls.__name__}: positions in {POSITION_POLICIES}, order in {ORDERS}")
+  missing = [f"{stage}: {' or '.join(hooks)}" for stage, hooks in _missing_hooks(cls)]
+  if missing:
+    raise TypeError(f"{cls.__name__} declares stages {cls.stages} but implements no hook for "
+                    f"{'; '.join(missing)}")
   if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
     raise TypeError(f"a method named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__})")
   _REGISTRY[cls.name] = cls
   return cls
+
+
+# The hooks a stage needs: any one of each group must be overridden.
+STAGE_HOOKS = {"vision": (("reduce", "block_hook"),), "embed": (("reduce",),),
+               "llm": (("boundaries",), ("at_boundary",)), "kv": (("compress_cache",),)}
+
+
+def implements(method: "Method | type[Method]", hook: str) -> bool:
+  """Whether the method's class overrides the base's `hook` (e.g. `reduce`, `block_hook`)."""
+  cls = method if isinstance(method, type) else type(method)
+  return getattr(cls, hook) is not getattr(Method, hook)
+
+
+def _missing_hooks(cls) -> list[tuple[str, tuple[str, ...]]]:
+  out = []
+  for stage in cls.stages:
+    for group in STAGE_HOOKS[stage]:
+      if not any(implements(cls, hook) for hook in group):
+        out.append((stage, group))
+  return out
 
 
 def registry() -> dict[str, type[Method]]:
@@ -186,6 +256,33 @@ def resolve_budget(method: str, keep: int | None, ratio: float | None, n: int, d
   if keep > n:
     raise ReductionError(f"{method}: budget keep={keep} is larger than the {n} tokens it receives")
   return keep
+
+
+def check_fraction(method: str, fraction: float) -> float:
+  """A budget fraction of the visual tokens, 0 < fraction <= 1 (raises naming the value)."""
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+    raise ReductionError(f"{method}: a budget is a fraction of the visual tokens in (0, 1], got {fraction!r}")
+  return float(fraction)
+
+
+def target_tokens(method: str, fraction: float, model) -> int:
+  """round(fraction x the visual tokens the LLM receives), at least 1."""
+  return max(1, int(round(check_fraction(method, fraction) * model.reducible_tokens)))
+
+
+def setting_for(name: str, fraction: float, model) -> str | None:
+  """The config string of registered method `name` at `fraction` of the visual tokens (its
+  `for_budget`), else its `unbudgeted` setting, else None."""
+  if name not in _REGISTRY:
+    raise ReductionError(f"unknown reduction method {name!r}; known: {', '.join(registry())}")
+  cls = _REGISTRY[name]
+  m = cls.for_budget(fraction, model) or cls.unbudgeted(model)
+  return None if m is None else m.spec()
+
+
+def scaled_layer(published: int, of: int, num_layers: int, *, lo: int, hi: int) -> int:
+  """A published layer index of an `of`-layer decoder moved to the same depth of `num_layers` layers."""
+  return int(min(hi, max(lo, round(published * num_layers / of))))
 
 
 # ---- config strings ---------------------------------------------------------------------------
@@ -265,7 +362,7 @@ class Plan:
   def __post_init__(self):
     ordered = tuple(sorted(self.methods, key=lambda m: STAGES.index(m.stage)))
     object.__setattr__(self, "methods", ordered)
-    inside = [m.name for m in self.methods if m.stage == "vision" and type(m).block_hook is not Method.block_hook]
+    inside = [m.name for m in self.methods if m.stage == "vision" and implements(m, "block_hook")]
     if len(inside) > 1:
       raise ReductionError(f"at most one method may act inside the ViT blocks, got {inside}")
 
@@ -298,3 +395,48 @@ def parse(spec: str | Plan | Method | None) -> Plan:
   if spec.strip().lower() in ("", "none", "full"):
     return Plan()
   return Plan(tuple(parse_method(item) for item in spec.split("+")))
+
+
+# ---- the llm stage ----------------------------------------------------------------------------
+def owners(methods) -> tuple[str, ...]:
+  """Each method's namespace in the `LLMState`: its name, or `name.i` when the plan holds it twice."""
+  names = [m.name for m in methods]
+  seen: dict[str, int] = {}
+  out = []
+  for name in names:
+    if names.count(name) == 1:
+      out.append(name)
+    else:
+      out.append(f"{name}.{seen.get(name, 0)}")
+      seen[name] = seen.get(name, 0) + 1
+  return tuple(out)
+
+
+def llm_boundary_hook(plan: Plan, num_layers: int) -> BoundaryHook | None:
+  """The plan's llm-stage methods as one `BoundaryHook` (None when there are none).
+
+  At each boundary the methods acting there run in plan order, each under
+  its own namespace (`owners`); after a method's last boundary its scratch
+  and per-token values are released. The hook runs per device on its own
+  samples (`sharding.per_sample`).
+  """
+  methods = plan.at("llm")
+  if not methods:
+    return None
+  keys = owners(methods)
+  acts = []
+  for m, key in zip(methods, keys):
+    layers = tuple(sorted(set(m.boundaries(num_layers))))
+    if not layers or not all(0 <= layer < num_layers for layer in layers):
+      raise ReductionError(f"{m.name}: boundaries {layers} must lie in 0..{num_layers - 1}")
+    acts.append((m, key, frozenset(layers), layers[-1]))
+
+  def run(layer: int, state: LLMState, access: LayerAccess) -> LLMState:
+    for m, key, layers, last in acts:
+      if layer in layers:
+        state = m.at_boundary(layer, state.replace(owner=key), access)
+        if layer == last:
+          state = state.release(key)
+    return state.replace(owner="")
+
+  return BoundaryHook(frozenset().union(*(a[2] for a in acts)), sharding.per_sample(run))

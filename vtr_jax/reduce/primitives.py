@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vtr_jax.kernels import ops
-from vtr_jax.reduce.tokens import Tokens
+from vtr_jax.seams import splice, take  # noqa: F401  (the sequence edits, shared with the models)
 
 Array = jax.Array
 NEG = -jnp.inf
@@ -37,16 +37,6 @@ def topk_indices(scores: Array, k: int, valid: Array | None = None, *, sort: boo
   _, idx = jax.lax.top_k(s, k)
   idx = idx.astype(jnp.int32)
   return jnp.sort(idx, axis=-1) if sort else idx
-
-
-def take(x: Array, idx: Array) -> Array:
-  """x[b, idx[b, j], ...]: [B, N, ...] gathered by int[B, k] -> [B, k, ...]."""
-  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
-
-
-def gather(tokens: Tokens, idx: Array) -> Tokens:
-  """The tokens at idx (int32[B, k]), every field gathered."""
-  return Tokens(take(tokens.x, idx), take(tokens.positions, idx), take(tokens.valid, idx), take(tokens.size, idx))
 
 
 def chosen_mask(idx: Array, n: int) -> Array:

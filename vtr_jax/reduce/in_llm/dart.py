@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from vtr_jax.kernels.similarity import normalize
 from vtr_jax.reduce import primitives as P
-from vtr_jax.reduce.api import Method, ReductionError, register, resolve_budget
+from vtr_jax.reduce.api import ReductionError, register, resolve_budget, scaled_layer, target_tokens
 from vtr_jax.reduce.in_llm import common as C
 
 
@@ -62,63 +62,58 @@ def dart_select(h, key_norm, visual, valid, text_after, n_image_pivots: int, n_t
 
 @register
 @dataclasses.dataclass(frozen=True)
-class DART(Method):
+class DART(C.SingleDrop):
   """DART (Wen et al. 2025): duplication instead of importance, once before decoder layer K.
 
   Pivots: 4 image and 4 text-after-image tokens with the largest L1 norm of
   their layer-(K-1) keys (all heads concatenated, after RoPE). On the hidden
   states entering layer K passed through the final norm, each pivot in turn
-  adds the floor(keep / 8) remaining image tokens *least* cosine-similar to
-  it; the kept set is the image pivots plus those (about keep tokens), in
-  original order with original position ids (gaps). Deviation: the reference
-  visits pivots in a Python set's order; here image pivots then text pivots,
-  each by descending key norm. See `dart_select` for the guards.
+  adds the per-pivot count of remaining image tokens *least* cosine-similar
+  to it; the kept set is the image pivots plus those (about keep tokens), in
+  original order with original position ids (gaps). The per-pivot count is
+  the reference's floor(N * ratio / 8) for `ratio=` (N(1-r)/8 with r the
+  reduction: N=576 at r=0.7778 keeps 4 + 8 * 15 = 124) and floor(keep / 8)
+  for `keep=`. Deviation: the reference visits pivots in a Python set's
+  order; here image pivots then text pivots, each by descending key norm. See
+  `dart_select` for the guards. A class token handed on by the tower is kept
+  and not counted (never a pivot).
 
   Attributes:
     layer: K >= 1 (reference: 2).
-    keep / ratio: the visual-token budget that sets floor(budget / 8) per pivot.
+    keep / ratio: the visual-token budget that sets the count per pivot.
     pivots: image and text pivots each (reference: 4).
     mask: hide dropped tokens instead of removing them (checking variant).
   """
   name = "dart"
-  stages = ("llm",)
   positions = "keep"
   summary = "keep tokens least similar to key-norm pivots (duplication-aware)"
-  layer: int = 2
   keep: int | None = None
   ratio: float | None = None
   pivots: int = 4
-  mask: bool = False
 
   def _per_pivot(self, n: int) -> int:
-    budget = resolve_budget(self.name, self.keep, self.ratio, n)
-    return budget // (2 * self.pivots)
-
-  def kept(self, n: int) -> int:
     if self.pivots < 1:
       raise ReductionError(f"dart: pivots={self.pivots} must be >= 1")
+    resolve_budget(self.name, self.keep, self.ratio, n)  # validates the budget
+    if self.ratio is not None:  # the reference's int(N (1 - r) / 8): N * ratio is never rounded first
+      return int(n * self.ratio / (2 * self.pivots))
+    return self.keep // (2 * self.pivots)
+
+  def kept(self, n: int) -> int:
     return min(n, min(self.pivots, n) + 2 * self.pivots * self._per_pivot(n))
 
-  def layer_counts(self, n_visual: int, num_layers: int) -> list[int]:
-    return C.single_drop_counts(self.name, self.layer, self.kept(n_visual), n_visual, num_layers, self.mask)
+  @classmethod
+  def for_budget(cls, fraction, model):
+    """K=2 of 32 layers moved to the model's depth; `keep` = the share of the visual tokens."""
+    layers = model.text.num_layers
+    return cls(layer=scaled_layer(2, 32, layers, lo=1, hi=layers - 1), keep=target_tokens(cls.name, fraction, model))
 
-  def llm_hook(self, text):
-    C.check_layer(self.name, self.layer, text.num_layers, first=1)
+  def score(self, stage, state, access):
+    _, k = access.qk(self.layer - 1, state.x, state.positions)  # [B, T, K, H] after RoPE
+    return jnp.sum(jnp.abs(k.astype(jnp.float32)), axis=(2, 3))
 
-    def hook(layer, state, access):
-      if layer == self.layer - 1:
-        _, k = access.qk(layer, state["x"], state["positions"])  # [B, T, K, H] after RoPE
-        norm = jnp.sum(jnp.abs(k.astype(jnp.float32)), axis=(2, 3))
-        return {**state, "tok/dart_key_norm": norm}
-      if layer == self.layer:
-        n = state["n_visual"]
-        norm = state["tok/dart_key_norm"]
-        state = {k: v for k, v in state.items() if k != "tok/dart_key_norm"}
-        kept = dart_select(access.final_norm(state["x"]), norm, state["visual"], state["valid"],
-                           C.text_after_image(state),
-                           min(self.pivots, n), self.pivots, self._per_pivot(n))
-        state, _ = C.keep_visual(state, kept.astype(jnp.float32), self.kept(n), mask=self.mask,
-                                 renumber_positions=False)
-      return state
-
-    return hook
+  def select(self, stage, keep, merged, state, score, access):
+    n = state.n_patches
+    kept = dart_select(access.final_norm(state.x), score, state.droppable, state.valid, C.text_after_image(state),
+                       min(self.pivots, n), self.pivots, self._per_pivot(n))
+    return self.drop(state, kept.astype(jnp.float32), keep, mask=self.mask)[0]

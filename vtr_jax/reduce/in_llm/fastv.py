@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from vtr_jax.reduce.api import Method, register, resolve_budget
+from vtr_jax.reduce.api import register, resolve_budget, scaled_layer, target_tokens
 from vtr_jax.reduce.in_llm import common as C
 
 
 @register
 @dataclasses.dataclass(frozen=True)
-class FastV(Method):
+class FastV(C.SingleDrop):
   """FastV (Chen et al. 2024): drop visual tokens once, before decoder layer K.
 
   Score: the head-mean attention row of the *last prompt token* at layer K-1
@@ -19,6 +19,7 @@ class FastV(Method):
   top `keep` visual tokens (or `ratio` of them), in original order. Kept
   tokens keep their original position ids (gaps); decoding continues from
   the original length. Layers >= K run on, and cache, only the kept tokens.
+  A class token handed on by the tower is kept and not counted.
 
   Attributes:
     layer: K >= 1 (paper: K=2, R=50%; common: K=3).
@@ -26,32 +27,20 @@ class FastV(Method):
     mask: FastV's attention-mask variant (full length, dropped tokens masked).
   """
   name = "fastv"
-  stages = ("llm",)
   positions = "keep"
-  summary = "drop at layer K by the last token's attention row at layer K-1"
-  layer: int = 2
+  summary = "drop at layer K by the last prompt token's attention row at layer K-1"
   keep: int | None = None
   ratio: float | None = None
-  mask: bool = False
 
   def kept(self, n: int) -> int:
     return resolve_budget(self.name, self.keep, self.ratio, n)
 
-  def layer_counts(self, n_visual: int, num_layers: int) -> list[int]:
-    return C.single_drop_counts(self.name, self.layer, self.kept(n_visual), n_visual, num_layers, self.mask)
+  @classmethod
+  def for_budget(cls, fraction, model):
+    """K=2 of 32 layers moved to the model's depth; `keep` = the share of the visual tokens."""
+    layers = model.text.num_layers
+    return cls(layer=scaled_layer(2, 32, layers, lo=1, hi=layers - 1), keep=target_tokens(cls.name, fraction, model))
 
-  def llm_hook(self, text):
-    C.check_layer(self.name, self.layer, text.num_layers, first=1)
-
-    def hook(layer, state, access):
-      if layer == self.layer - 1:
-        rows, row_valid = C.last_row(state)
-        return {**state, "tok/fastv_score": C.attention_mass(access, layer, state, rows, row_valid)}
-      if layer == self.layer:
-        scores = state["tok/fastv_score"]
-        state = {k: v for k, v in state.items() if k != "tok/fastv_score"}
-        state, _ = C.keep_visual(state, scores, self.kept(state["n_visual"]), mask=self.mask,
-                                 renumber_positions=False)
-      return state
-
-    return hook
+  def score(self, stage, state, access):
+    rows, row_valid = C.last_row(state)
+    return C.attention_mass(access, self.layer - 1, state, rows, row_valid)

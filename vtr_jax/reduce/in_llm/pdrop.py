@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
-
-from vtr_jax.reduce.api import Method, ReductionError, register
+from vtr_jax.reduce.api import ReductionError, register, scaled_layer, target_tokens
 from vtr_jax.reduce.in_llm import common as C
 
 
 @register
 @dataclasses.dataclass(frozen=True)
-class PyramidDrop(Method):
+class PyramidDrop(C.ScheduledDrop):
   """PyramidDrop (Xing et al. 2024): drop visual tokens at several layer boundaries.
 
   At each boundary l in `layers` (before decoder layer l runs) the hidden
@@ -23,11 +21,11 @@ class PyramidDrop(Method):
   50/25/12.5 % for ratio 0.5), in original order. Positions are re-numbered
   contiguously after each drop, so each layer's cache continues from its own
   re-numbered length when decoding (as the reference shifts position ids per
-  stage).
+  stage). A class token handed on by the tower is kept and not counted.
 
-  Training mode: when the state carries `tok/query` (bool[B, T], the tokens
-  just before answer spans), their rows are averaged instead of the last
-  token's (the reference's training rule).
+  Training mode: when the state carries `tokens["query"]` (bool[B, T], the
+  tokens just before answer spans), their rows are averaged instead of the
+  last token's (the reference's training rule).
 
   Attributes:
     layers: boundaries (0-indexed decoder layers), default 8/16/24 (32 layers).
@@ -35,55 +33,34 @@ class PyramidDrop(Method):
     mask: hide dropped tokens instead of removing them (the checking variant).
   """
   name = "pdrop"
-  stages = ("llm",)
   positions = "renumber"
   summary = "multi-stage drop by the last instruction token's attention"
   layers: tuple[int, ...] = (8, 16, 24)
   ratio: float = 0.5
-  mask: bool = False
 
-  def _stage_keep(self, n_visual: int) -> list[int]:
-    if not 0 < self.ratio <= 1:
-      raise ReductionError(f"pdrop: ratio={self.ratio} must be in (0, 1]")
-    return [int(n_visual * self.ratio ** (i + 1)) for i in range(len(self.layers))]
-
-  def _check(self, num_layers: int) -> None:
-    if list(self.layers) != sorted(set(self.layers)):
-      raise ReductionError(f"pdrop: layers={self.layers} must be strictly increasing")
+  def stage_layers(self, num_layers):
+    C.check_increasing(self.name, self.layers)
     for layer in self.layers:
       C.check_layer(self.name, layer, num_layers, first=1)
+    return tuple((layer, layer) for layer in self.layers)
 
-  def kept(self, n: int) -> int:
-    return self._stage_keep(n)[-1]
+  def stage_keeps(self, n):
+    if not 0 < self.ratio <= 1:
+      raise ReductionError(f"pdrop: ratio={self.ratio} must be in (0, 1]")
+    return tuple((int(n * self.ratio ** (i + 1)), 0) for i in range(len(self.layers)))
 
-  def layer_counts(self, n_visual: int, num_layers: int) -> list[int]:
-    if self.mask:  # the checking variant keeps every slot: no saving
-      return [n_visual] * num_layers
-    self._check(num_layers)
-    counts, current = [], n_visual
-    keeps = dict(zip(self.layers, self._stage_keep(n_visual)))
-    for i in range(num_layers):
-      current = keeps.get(i, current)
-      counts.append(current)
-    return counts
+  @classmethod
+  def for_budget(cls, fraction, model):
+    """The reference's 8/16/24 of 32 layers moved to the model's depth; the per-stage ratio whose last
+    stage keeps the share: (k / N)^(1 / stages)."""
+    layers, n = model.text.num_layers, model.reducible_tokens
+    stages = sorted({scaled_layer(l, 32, layers, lo=1, hi=layers - 1) for l in (8, 16, 24)})
+    ratio = (target_tokens(cls.name, fraction, model) / n) ** (1 / len(stages))
+    return cls(layers=tuple(stages), ratio=round(ratio, 4))
 
-  def llm_hook(self, text):
-    self._check(text.num_layers)
-
-    def hook(layer, state, access):
-      if layer not in self.layers:
-        return state
-      stage = self.layers.index(layer)
-      if stage == 0:
-        state = {**state, "pdrop/n0": state["n_visual"]}
-      keep = self._stage_keep(state["pdrop/n0"])[stage]
-      if "tok/query" in state:  # training: rows just before answer spans
-        rows = jnp.broadcast_to(jnp.arange(state["valid"].shape[1], dtype=jnp.int32), state["valid"].shape)
-        row_valid = state["tok/query"] & state["valid"]
-      else:
-        rows, row_valid = C.last_row(state)
-      scores = C.attention_mass(access, layer, state, rows, row_valid)
-      state, _ = C.keep_visual(state, scores, keep, mask=self.mask, renumber_positions=True)
-      return state
-
-    return hook
+  def score(self, stage, state, access):
+    layer = self.layers[stage]
+    if "query" in state.tokens:  # training: rows just before answer spans
+      return C.attention_mass(access, layer, state, C.all_rows(state), state.tokens["query"] & state.valid)
+    rows, row_valid = C.last_row(state)
+    return C.attention_mass(access, layer, state, rows, row_valid)

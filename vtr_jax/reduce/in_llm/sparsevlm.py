@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from vtr_jax.reduce import primitives as P
-from vtr_jax.reduce.api import Method, ReductionError, register
+from vtr_jax.reduce.api import ReductionError, register, scaled_layer, target_tokens
 from vtr_jax.reduce.in_llm import common as C
+from vtr_jax.seams import MERGED
 
 # The reference's per-layer visual-token budgets (for 576 tokens) behind its headline counts.
 PUBLISHED_BUDGETS = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
@@ -85,7 +86,7 @@ def dpc_knn(x: jax.Array, clusters: int) -> tuple[jax.Array, jax.Array]:
 
 @register
 @dataclasses.dataclass(frozen=True)
-class SparseVLM(Method):
+class SparseVLM(C.ScheduledDrop):
   """SparseVLM (Zhang et al. 2024): text raters score visual tokens at a few layers; pruned
   tokens are partly recycled into merged tokens.
 
@@ -99,7 +100,8 @@ class SparseVLM(Method):
   floor(n/10) + 1 clusters, each cluster averaged, and the merged tokens are
   inserted right after the kept visual tokens. Positions are re-numbered
   contiguously (the reference truncates position ids; merged tokens get
-  contiguous ids after the kept ones).
+  contiguous ids after the kept ones). A class token handed on by the tower
+  is kept and not counted.
 
   Attributes:
     layers: decoder layers whose attention scores and whose output is pruned
@@ -112,14 +114,12 @@ class SparseVLM(Method):
       requires recycle=false since merged tokens add slots).
   """
   name = "sparsevlm"
-  stages = ("llm",)
   positions = "renumber"
   summary = "text-rater attention at a few layers, DPC-KNN recycling"
   layers: tuple[int, ...] = (2, 6, 15)
   keep: tuple[int, ...] | None = None
   target: int | None = None
   recycle: bool = True
-  mask: bool = False
 
   def budgets(self, n_visual: int) -> tuple[int, ...]:
     if self.keep is not None and self.target is not None:
@@ -136,10 +136,10 @@ class SparseVLM(Method):
       raise ReductionError(f"sparsevlm: target= budgets are for three layers, got layers={self.layers}")
     return tuple(max(1, round(v * n_visual / 576)) for v in PUBLISHED_BUDGETS[target])
 
-  def schedule(self, n_visual: int) -> list[tuple[int, int]]:
+  def stage_keeps(self, n):
     """(kept, merged) visual tokens at each pruning layer, static."""
-    out, current = [], n_visual
-    for budget in self.budgets(n_visual):
+    out, current = [], n
+    for budget in self.budgets(n):
       keep = current if budget >= current else max(0, budget)
       pruned = current - keep
       merged = 0
@@ -147,98 +147,65 @@ class SparseVLM(Method):
         merged = int(min(pruned, int(pruned * RECYCLE_FRACTION) + 1)) // 10 + 1
       out.append((keep, merged))
       current = keep + merged
-    return out
+    return tuple(out)
 
-  def _check(self, num_layers: int) -> None:
-    if list(self.layers) != sorted(set(self.layers)):
-      raise ReductionError(f"sparsevlm: layers={self.layers} must be strictly increasing")
+  def stage_layers(self, num_layers):
+    C.check_increasing(self.name, self.layers)
     for layer in self.layers:
       C.check_layer(self.name, layer, num_layers - 1)  # the output of layer l feeds layer l + 1
     if self.mask and self.recycle:
       raise ReductionError("sparsevlm: mask=true needs recycle=false (merged tokens add new slots)")
+    return tuple((layer, layer + 1) for layer in self.layers)
 
-  def kept(self, n: int) -> int:
-    keep, merged = self.schedule(n)[-1]
-    return keep + merged
+  @classmethod
+  def for_budget(cls, fraction, model):
+    """The reference's 2/6/15 of 32 layers moved to the model's depth; its 128-token schedule's shape
+    (303/110/36) scaled so that the last stage keeps the share."""
+    layers, n = model.text.num_layers, model.reducible_tokens
+    k = target_tokens(cls.name, fraction, model)
+    stages = sorted({scaled_layer(l, 32, layers, lo=0, hi=layers - 2) for l in (2, 6, 15)})
+    shape = PUBLISHED_BUDGETS[128][-len(stages):]
+    return cls(layers=tuple(stages), keep=tuple(min(n, max(1, round(v * k / shape[-1]))) for v in shape))
 
-  def layer_counts(self, n_visual: int, num_layers: int) -> list[int]:
-    if self.mask:  # the checking variant keeps every slot: no saving
-      return [n_visual] * num_layers
-    self._check(num_layers)
-    after = {layer + 1: k + m for layer, (k, m) in zip(self.layers, self.schedule(n_visual))}
-    counts, current = [], n_visual
-    for i in range(num_layers):
-      current = after.get(i, current)
-      counts.append(current)
-    return counts
+  def boundaries(self, num_layers):
+    return tuple(sorted({0, *super().boundaries(num_layers)}))  # raters are chosen on the input embeddings
 
-  def llm_hook(self, text):
-    self._check(text.num_layers)
-    score_layers = set(self.layers)
-    drop_at = {layer + 1: i for i, layer in enumerate(self.layers)}
+  def at_boundary(self, layer, state, access):
+    if layer == 0:
+      state = state.keep_mine(raters=raters(state.x, state.visual, state.valid, C.text_after_image(state),
+                                            C.prompt_mask(state)))
+    return super().at_boundary(layer, state, access)
 
-    def hook(layer, state, access):
-      if layer == 0:
-        text = C.text_after_image(state)
-        state = {**state, "tok/raters": raters(state["x"], state["visual"], state["valid"], text,
-                                               C.prompt_mask(state)),
-                 "sparsevlm/n0": state["n_visual"]}
-      if layer in drop_at:
-        keep, merged = self.schedule(state["sparsevlm/n0"])[drop_at[layer]]
-        scores = state["tok/sparsevlm_score"]
-        state = {k: v for k, v in state.items() if k != "tok/sparsevlm_score"}
-        state = self._prune(state, scores, keep, merged)
-      if layer in score_layers:
-        rows = jnp.broadcast_to(jnp.arange(state["valid"].shape[1], dtype=jnp.int32), state["valid"].shape)
-        scores = C.attention_mass(access, layer, state, rows, state["tok/raters"])
-        state = {**state, "tok/sparsevlm_score": scores}
-      return state
+  def score(self, stage, state, access):
+    return C.attention_mass(access, self.layers[stage], state, C.all_rows(state), state.mine("raters"))
 
-    return hook
-
-  def _prune(self, state, scores, keep: int, merged: int):
-    new, chosen = C.keep_visual(state, scores, keep, mask=self.mask, renumber_positions=not merged)
+  def select(self, stage, keep, merged, state, score, access):
+    new, chosen = self.drop(state, score, keep, mask=self.mask)
     if not merged:
       return new
     # recycle: the top 30 % (+1) pruned tokens by score, clustered and averaged
-    pruned = state["visual"] & state["valid"] & ~chosen
-    n_pruned = state["n_visual"] - keep
+    pruned = state.droppable & state.valid & ~chosen
+    n_pruned = state.n_patches - keep
     n_recycle = min(n_pruned, int(n_pruned * RECYCLE_FRACTION) + 1)
-    rec_idx = P.topk_indices(jnp.where(pruned, scores, -jnp.inf), n_recycle, pruned, sort=False)
-    rec_x = P.take(state["x"], rec_idx)  # [B, R, D]
+    rec_idx = P.topk_indices(jnp.where(pruned, score, -jnp.inf), n_recycle, pruned, sort=False)
+    rec_x = P.take(state.x, rec_idx)  # [B, R, D]
     assign, _ = dpc_knn(rec_x, merged)
     w = jnp.ones(assign.shape, jnp.float32)
     num, den = P.scatter_sum(rec_x, w, assign, merged)
-    merged_x = (num / jnp.maximum(den, 1.0)[..., None]).astype(state["x"].dtype)  # [B, M, D]
-    return _insert_after_visual(new, merged_x)
+    merged_x = (num / jnp.maximum(den, 1.0)[..., None]).astype(state.x.dtype)  # [B, M, D]
+    return insert_after_visual(new, merged_x)
 
 
-def _insert_after_visual(state, merged_x):
-  """Inserts M merged visual tokens right after the last visual slot; re-numbers positions."""
-  b, t = state["valid"].shape
-  m = merged_x.shape[1]
-  last_vis = jnp.max(jnp.where(state["visual"], jnp.arange(t)[None], -1), axis=1)  # [B]
-  start = (last_vis + 1)[:, None]  # first merged slot
-  j = jnp.arange(t + m)[None]
-  from_merged = (j >= start) & (j < start + m)
-  src = jnp.clip(jnp.where(j < start, j, j - m), 0, t - 1)
-  mid = jnp.clip(j - start, 0, m - 1)
-  out = {}
-  for key, value in state.items():
-    if not C.is_token_key(key):
-      out[key] = value
-      continue
-    base = P.take(value, src)
-    if key == "x":
-      fill = P.take(merged_x, mid)
-    elif key in ("valid", "visual"):
-      fill = jnp.ones_like(base)
-    elif key == "tok/patch":
-      fill = jnp.full_like(base, -3)  # merged token: stands for several patches
-    else:
-      fill = jnp.zeros_like(base)
-    expand = from_merged.reshape(from_merged.shape + (1,) * (base.ndim - 2))
-    out[key] = jnp.where(expand, fill, base)
-  out["n_visual"] = state["n_visual"] + m
-  out["positions"] = C.renumber(out["valid"])
-  return out
+def insert_after_visual(state, merged_x):
+  """Inserts M merged visual tokens right after the last visual slot (`LLMState.splice`); re-numbers positions.
+
+  A merged token takes the per-token entries of the last kept visual token (it
+  is a visual prompt token like it), `patch` = MERGED, valid and visual True.
+  """
+  b, m = merged_x.shape[:2]
+  last_vis = jnp.max(jnp.where(state.visual, jnp.arange(state.length)[None], -1), axis=1)  # [B]
+  insert = state.slots(jnp.broadcast_to(jnp.maximum(last_vis, 0)[:, None], (b, m)))
+  insert.update(x=merged_x, valid=jnp.ones((b, m), bool), visual=jnp.ones((b, m), bool))
+  insert["tokens/patch"] = jnp.full((b, m), MERGED, jnp.int32)
+  out = state.splice(last_vis + 1, 0, insert, state.n_visual + m)
+  return out.replace(positions=C.renumber(out.valid))

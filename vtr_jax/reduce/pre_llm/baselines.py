@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vtr_jax.reduce import primitives as P
-from vtr_jax.reduce.api import Method, ReductionError, register, resolve_budget
-from vtr_jax.reduce.tokens import Tokens
+from vtr_jax.reduce.api import Method, ReductionError, check_fraction, register, resolve_budget
+from vtr_jax.seams import Tokens
 
 
 @register
@@ -42,7 +42,7 @@ class Random(Method):
     keys = P.sample_keys(self.seed, fp)
     scores = jax.vmap(lambda key: jax.random.uniform(key, (tokens.count,)))(keys)
     idx = P.topk_indices(scores, k, tokens.valid)
-    return P.gather(tokens, idx), {"index": idx}
+    return tokens.gather(idx), {"index": idx}
 
 
 def uniform_indices(n: int, k: int, grid: int | None) -> np.ndarray:
@@ -72,7 +72,7 @@ class Uniform(Method):
     n = tokens.count
     grid = ctx.vision.grid if ctx is not None else None
     idx = jnp.broadcast_to(jnp.asarray(uniform_indices(n, self.kept(n), grid)), (tokens.x.shape[0], self.kept(n)))
-    return P.gather(tokens, idx), {"index": idx}
+    return tokens.gather(idx), {"index": idx}
 
 
 @register
@@ -101,6 +101,12 @@ class Pool(Method):
   def kept(self, n: int) -> int:
     g = math.isqrt(n)
     return math.ceil(g / self.stride) ** 2
+
+  @classmethod
+  def for_budget(cls, fraction, model):
+    """The stride nearest 1 / sqrt(fraction) (None above about 1/4: stride 2 is the mildest pooling)."""
+    stride = int(round(1 / math.sqrt(check_fraction(cls.name, fraction))))
+    return cls(stride=stride) if stride >= 2 else None
 
   def reduce(self, tokens: Tokens, ctx):
     g = self._grid(tokens.count, ctx.vision)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from vtr_jax.kernels.similarity import pairwise
 from vtr_jax.reduce import primitives as P
 from vtr_jax.reduce.api import Method, register, resolve_budget
-from vtr_jax.reduce.tokens import Tokens
+from vtr_jax.seams import Tokens
 
 Array = jax.Array
 
@@ -76,4 +76,4 @@ class DivPrune(Method):
   def reduce(self, tokens: Tokens, ctx):
     selection = diverse_subset(tokens, self.kept(tokens.count))
     idx = jnp.sort(selection, axis=1)
-    return P.gather(tokens, idx), {"index": idx, "selection": selection}
+    return tokens.gather(idx), {"index": idx, "selection": selection}

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from vtr_jax.reduce import primitives as P
 from vtr_jax.reduce.api import Method, ReductionError, register, resolve_budget
-from vtr_jax.reduce.tokens import Tokens
+from vtr_jax.seams import Tokens
 
 
 def patch_importance(ctx, layer: int) -> jnp.ndarray:
@@ -69,7 +69,7 @@ class FasterVLM(FeatureLayerScored):
   def reduce(self, tokens: Tokens, ctx):
     scores = self.importance(tokens, ctx)
     idx = P.topk_indices(scores, self.kept(tokens.count), tokens.valid)
-    return P.gather(tokens, idx), {"index": idx, "scores": scores}
+    return tokens.gather(idx), {"index": idx, "scores": scores}
 
 
 @register
@@ -104,4 +104,4 @@ class VTCCLS(Method):
     scores = sum(patch_importance(ctx, layer) for layer in self._layers(ctx.vision))
     check_patch_scores(self.name, tokens, scores)
     idx = P.topk_indices(scores, self.kept(tokens.count), tokens.valid)
-    return P.gather(tokens, idx), {"index": idx, "scores": scores}
+    return tokens.gather(idx), {"index": idx, "scores": scores}

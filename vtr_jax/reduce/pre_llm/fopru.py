@@ -38,7 +38,7 @@ from vtr_jax.kernels import ops
 from vtr_jax.reduce import primitives as P
 from vtr_jax.reduce.api import Method, ReductionError, register, resolve_budget
 from vtr_jax.reduce.pre_llm.fastervlm import check_patch_scores
-from vtr_jax.reduce.tokens import Tokens
+from vtr_jax.seams import Tokens
 
 STRATEGIES = ("rank", "row")
 
@@ -126,4 +126,4 @@ class FoPru(Method):
       idx = P.topk_indices(scores, k, tokens.valid)
     else:  # the scores cover the tower's full grid (checked above)
       idx = row_indices(scores, k, ctx.vision.grid)
-    return P.gather(tokens, idx), {"index": idx, "scores": scores, "row_mean": use_paid}
+    return tokens.gather(idx), {"index": idx, "scores": scores, "row_mean": use_paid}

@@ -61,9 +61,9 @@ import jax.numpy as jnp
 
 from vtr_jax.kernels import ops
 from vtr_jax.reduce import primitives as P
-from vtr_jax.reduce.api import Method, register, resolve_budget
+from vtr_jax.reduce.api import Method, register, resolve_budget, target_tokens
 from vtr_jax.reduce.pre_llm.fastervlm import check_patch_scores
-from vtr_jax.reduce.tokens import Tokens
+from vtr_jax.seams import Tokens
 
 
 def qk_extra(vision) -> tuple[str, int]:
@@ -141,7 +141,7 @@ def merge_into_kept(tokens: Tokens, attn: jax.Array, keys: jax.Array, idx: jax.A
   size = jnp.concatenate([jnp.full((b, m), 1.0 + nb, jnp.float32),
                           jnp.sum(pruned, axis=1, keepdims=True).astype(jnp.float32)], axis=1)
   out = Tokens(jnp.where(valid[..., None], x, 0.0).astype(tokens.x.dtype), positions, valid, size)
-  return P.gather(out, jnp.argsort(~valid, axis=1, stable=True).astype(jnp.int32))
+  return out.gather(jnp.argsort(~valid, axis=1, stable=True).astype(jnp.int32))
 
 
 @register
@@ -204,6 +204,11 @@ class PruMergePlus(PruMerge):
   def kept(self, n: int) -> int:
     cap = self.cap(n)
     return min(cap + spatial_slots(n, cap), n) + 1
+
+  @classmethod
+  def for_budget(cls, fraction, model):
+    """The outlier cap at a quarter of the share: each outlier brings about three spatial tokens."""
+    return cls(keep=max(1, round(target_tokens(cls.name, fraction, model) / 4)))
 
   def candidates(self, idx, slot_valid, count, n):
     stride = jnp.maximum(n // jnp.maximum(count, 1) // 3, 1)  # int32[B]

@@ -28,7 +28,7 @@ from vtr_jax.reduce import primitives as P
 from vtr_jax.reduce.api import register
 from vtr_jax.reduce.pre_llm.divprune import diverse_subset
 from vtr_jax.reduce.pre_llm.fastervlm import FeatureLayerScored
-from vtr_jax.reduce.tokens import Tokens
+from vtr_jax.seams import Tokens
 
 
 @register
@@ -53,4 +53,4 @@ class ToDREDiversity(FeatureLayerScored):
     first = P.topk_indices(scores, 1, tokens.valid)[:, 0]
     selection = diverse_subset(tokens, self.kept(tokens.count), first)
     idx = jnp.sort(selection, axis=1)
-    return P.gather(tokens, idx), {"index": idx, "selection": selection, "scores": scores}
+    return tokens.gather(idx), {"index": idx, "selection": selection, "scores": scores}

@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from vtr_jax.kernels import ops
-from vtr_jax.models.vit import BlockHook
 from vtr_jax.reduce import primitives as P
 from vtr_jax.reduce.api import Method, ReductionError, register, resolve_budget
+from vtr_jax.seams import BlockHook
 
 Array = jax.Array
 

@@ -45,7 +45,7 @@ import numpy as np
 from vtr_jax.reduce import primitives as P
 from vtr_jax.reduce.api import Method, ReductionError, register, resolve_budget
 from vtr_jax.reduce.pre_llm.fastervlm import check_patch_scores, importance_extra
-from vtr_jax.reduce.tokens import Tokens
+from vtr_jax.seams import Tokens
 
 
 def dominant_scores(ctx) -> jax.Array:
@@ -70,7 +70,7 @@ def merge_contextual(tokens: Tokens, keys: jax.Array, rest: jax.Array, contextua
   local = np.arange(0, r, max(1, r // contextual))[:contextual]
   targets = rest[:, local]
   others = rest[:, np.setdiff1d(np.arange(r), local)]
-  merged = P.gather(tokens, targets)
+  merged = tokens.gather(targets)
   if r == contextual:  # every remaining token is a target: nothing to merge
     return merged, {"targets": targets, "assign": jnp.zeros_like(others)}
   assign, _ = P.nearest_centre(P.take(keys, others), P.take(keys, targets), metric="cosine")
@@ -133,7 +133,7 @@ class VisionZip(Method):
     n = tokens.count
     dominant, contextual = self.split(n)
     idx = P.topk_indices(scores, dominant - int(adds_cls), tokens.valid)
-    parts = [P.gather(tokens, idx)]
+    parts = [tokens.gather(idx)]
     if adds_cls:
       b = tokens.x.shape[0]
       cls = ctx.cls_feature.astype(tokens.x.dtype)[:, None]  # [B, D] -> [B, 1, D]
