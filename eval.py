@@ -14,6 +14,7 @@ import os
 from absl import app, flags, logging
 
 from vtr_jax import evaluation, sharding
+from vtr_jax.errors import user_errors
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory (default: the shipped model).")
 _DATASET = flags.DEFINE_string("dataset", "bundled", "'bundled' or a local dataset directory / file.")
@@ -36,10 +37,15 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   columns = dict(kv.split("=", 1) for kv in _COLUMNS.value.split(",") if kv) if _COLUMNS.value else None
-  evaluation.main(checkpoint=_CHECKPOINT.value, dataset=_DATASET.value, split=_SPLIT.value, columns=columns,
-                  num_examples=_NUM.value, methods=_METHODS.value or None,
-                  budgets=[float(b) for b in _BUDGETS.value], batch_size=_BATCH.value,
-                  outdir=os.path.abspath(_OUTDIR.value), mesh_shape=tuple(int(s) for s in _MESH.value))
+  with user_errors("eval.py"):
+    try:
+      budgets = [float(b) for b in _BUDGETS.value]
+      mesh = tuple(int(s) for s in _MESH.value)
+    except ValueError as e:
+      raise evaluation.EvalError(f"--budgets {_BUDGETS.value} and --mesh {_MESH.value} must be numbers ({e})") from None
+    evaluation.main(checkpoint=_CHECKPOINT.value, dataset=_DATASET.value, split=_SPLIT.value, columns=columns,
+                    num_examples=_NUM.value, methods=_METHODS.value or None, budgets=budgets,
+                    batch_size=_BATCH.value, outdir=os.path.abspath(_OUTDIR.value), mesh_shape=mesh)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,12 @@ GRID = 4  # 32 px images, 8 px patches: 16 patches
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_model(kind: str = "clip", text_layers: int = 4):
-  """(model, params) of a small random VLM: 16 patches, 4 vision blocks, `text_layers` decoder layers."""
+def tiny_model(kind: str = "clip", text_layers: int = 4, keep_cls: bool = False):
+  """(model, params) of a small random VLM: 16 patches, 4 vision blocks, `text_layers` decoder layers
+  (`keep_cls`: the CLIP tower also hands its class token to the LLM, as the shipped model's does)."""
   vision = VisionConfig(kind=kind, image_size=8 * GRID, patch_size=8, hidden_size=32, intermediate_size=64,
                         num_layers=4, num_heads=4, feature_layers=(-2,) if kind == "clip" else (-1,),
-                        use_head=kind == "siglip")
+                        use_head=kind == "siglip", keep_cls=keep_cls)
   text = DecoderConfig(kind="llama" if kind == "clip" else "qwen2", vocab_size=64, hidden_size=32,
                        intermediate_size=64, num_layers=text_layers, num_heads=4, num_kv_heads=2)
   cfg = VLMConfig(vision=vision, text=text, image_token_id=IMAGE, pad_token_id=0, eos_token_ids=())

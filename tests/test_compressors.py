@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import reduce_harness as H
 import vtr_jax
 from configs import shapes_tiny
 from vtr_jax import flops, training
@@ -27,9 +26,6 @@ from vtr_jax.models.decoder import DecoderConfig
 from vtr_jax.models.projector import TokenPacker, region_indices
 from vtr_jax.models.vit import VisionConfig, VisionTower, split_crops
 from vtr_jax.models.vlm import VLM, VLMConfig, pad_prompts
-from vtr_jax.reduce import ReductionError, parse
-from vtr_jax.reduce.in_llm.llavolta import pool_visual
-from vtr_jax.seams import LLMState
 
 IMAGE = 60
 TEXT = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1)
@@ -269,109 +265,6 @@ def test_tokenpacker_config_errors():
     VLMConfig(vision=_vision(), text=TEXT, projector="tokenpacker:size=2")
   with pytest.raises(ValueError, match="unknown projector 'packer'"):
     VLMConfig(vision=_vision(), text=TEXT, projector="packer")
-
-
-# ---- LLaVolta ---------------------------------------------------------------------------------
-def _pool_state(n_cls: int, g: int):
-  """Two samples with text around one visual block at different offsets, position gaps, an invalid patch."""
-  rng = np.random.default_rng(g)
-  n = n_cls + g * g
-  before, after, t = (5, 2), (3, 6), 8 + n
-  x = rng.standard_normal((2, t, 4)).astype(np.float32)
-  visual = np.zeros((2, t), bool)
-  for i in range(2):
-    visual[i, before[i]:before[i] + n] = True
-  valid = np.ones((2, t), bool)
-  valid[0, :2] = False  # left padding
-  valid[1, before[1] + n_cls + 5] = False  # a hidden patch
-  positions = np.cumsum(rng.integers(1, 3, (2, t)), axis=1).astype(np.int32)
-  patch = np.where(visual, np.cumsum(visual, axis=1) - 1 - n_cls, -2).astype(np.int32)
-  target = rng.integers(0, 50, (2, t)).astype(np.int32)
-  return LLMState(jnp.asarray(x), jnp.asarray(positions), jnp.asarray(valid), jnp.asarray(visual),
-                  tokens={"patch": jnp.asarray(patch), "target": jnp.asarray(target)}, n_visual=n, n_cls=n_cls)
-
-
-def np_llavolta(state, i, s, n_cls, g):
-  """The published rule for sample i, as lists of (x, position, valid, patch, target) in slot order."""
-  x, pos, valid, visual = (np.asarray(a[i]) for a in (state.x, state.positions, state.valid, state.visual))
-  patch, target = np.asarray(state.tokens["patch"][i]), np.asarray(state.tokens["target"][i])
-  start = int(np.argmax(visual))
-  out = [(x[j], pos[j], valid[j], patch[j], target[j]) for j in range(start + n_cls)]
-  m = -(-g // s)
-  for wr in range(m):
-    for wc in range(m):
-      slots = [start + n_cls + r * g + c for r in range(wr * s, min(g, wr * s + s))
-               for c in range(wc * s, min(g, wc * s + s))]
-      live = [j for j in slots if valid[j]]
-      if not live:  # every patch of the window hidden: the pooled token is hidden too
-        out.append((None, None, False, None, None))
-        continue
-      mean = np.mean([x[j] for j in live], axis=0)
-      out.append((mean, math.floor(np.mean([pos[j] for j in live])), True, patch[slots[0]], target[slots[0]]))
-  out += [(x[j], pos[j], valid[j], patch[j], target[j]) for j in range(start + n_cls + g * g, len(x))]
-  return out
-
-
-def _slots(state, i, rows):
-  return [(np.asarray(state.x[i, j]), int(state.positions[i, j]), bool(state.valid[i, j]),
-           int(state.tokens["patch"][i, j]), int(state.tokens["target"][i, j])) for j in rows]
-
-
-def _assert_same(got, want):
-  """Slots agree: valid flags everywhere; features, position, patch and target where valid."""
-  assert len(got) == len(want)
-  for (gx, gp, gv, gpa, gt), (wx, wp, wv, wpa, wt) in zip(got, want):
-    assert gv == wv
-    if wv:
-      assert (gp, gpa, gt) == (wp, wpa, wt)
-      np.testing.assert_allclose(gx, wx, atol=1e-6)
-
-
-@pytest.mark.parametrize("n_cls,g,s", [(0, 4, 2), (1, 5, 3), (0, 3, 1)])
-def test_llavolta_pooling_matches_numpy(n_cls, g, s):
-  state = _pool_state(n_cls, g)
-  pool = jax.jit(lambda st, mask: pool_visual(st, s, mask=mask), static_argnums=1)
-  dropped, masked = pool(state, False), pool(state, True)
-  assert dropped.n_visual == n_cls + math.ceil(g / s) ** 2 == n_cls + parse(f"llavolta:stride={s}").methods[0].kept(
-      g * g)
-  assert masked.x.shape == state.x.shape
-  for i in range(2):
-    want = np_llavolta(state, i, s, n_cls, g)
-    _assert_same(_slots(dropped, i, range(dropped.length)), want)
-    # the mask variant: the same tokens, in the same order, among its valid slots
-    rows = np.nonzero(np.asarray(masked.valid[i]))[0]
-    _assert_same(_slots(masked, i, rows), [w for w in want if w[2]])
-
-
-def test_llavolta_mask_equals_drop_and_counts():
-  model, params = H.tiny_model("clip")
-  prompts, pixels = H.batch_inputs()
-  toks, valid = pad_prompts(prompts, 0)
-  run = jax.jit(lambda spec: model.apply(params, pixels, toks, valid, reduction=spec, method=VLM.prefill),
-                static_argnums=0)
-  drop, _, a = run("llavolta:layer=1,stride=2")
-  mask, _, b = run("llavolta:layer=1,stride=2,mask=true")
-  for i in range(4):
-    rows_a, rows_b = np.asarray(a["llm/valid"][i]), np.asarray(b["llm/valid"][i])
-    np.testing.assert_allclose(np.asarray(drop[i])[rows_a], np.asarray(mask[i])[rows_b], atol=2e-5)
-    assert int(np.sum(np.asarray(a["llm/visual"][i]) & rows_a)) == 4
-  cfg = model.config
-  assert flops.prefill_cost(cfg, "llavolta:layer=1,stride=2", text_tokens=8).visual_tokens == (16, 4, 4, 4)
-  assert flops.prefill_cost(cfg, "llavolta:layer=0,stride=3", text_tokens=8).visual_tokens == (4, 4, 4, 4)
-  assert flops.prefill_cost(cfg, "llavolta:layer=1,mask=true", text_tokens=8).visual_tokens == (16,) * 4
-
-
-def test_llavolta_batch_equals_single():
-  H.check_batch_equals_single("llavolta:layer=1,stride=2")
-
-
-def test_llavolta_errors():
-  with pytest.raises(ReductionError, match="llavolta: stride=0 must be >= 1"):
-    parse("llavolta:stride=0")
-  with pytest.raises(ReductionError, match="llavolta: pools the full patch grid, but 7 visual tokens"):
-    parse("llavolta").methods[0].kept(7)
-  with pytest.raises(ReductionError, match=r"layer=4 must be in 0\.\.3"):
-    parse("llavolta:layer=4").methods[0].layer_counts(16, 4)
 
 
 # ---- saving and loading ---------------------------------------------------------------------

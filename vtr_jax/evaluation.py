@@ -235,6 +235,35 @@ def plot(results: Sequence[Result], path: str, title: str) -> None:
 
 
 # ---- the whole job -----------------------------------------------------------------------------
+class EvalError(ValueError):
+  """Settings eval.py cannot run with (named in the message)."""
+
+
+def check_settings(*, methods, budgets, num_examples: int, batch_size: int, outdir: str) -> None:
+  """Refuses, before anything is loaded or compiled, what would fail late or silently: unknown methods, budgets
+  outside (0, 1], negative counts, and an output directory that cannot be written."""
+  unknown = [m for m in (methods or ()) if m not in registry()]
+  if unknown:
+    raise EvalError(f"unknown methods {unknown}; known: {', '.join(registry())}")
+  bad = [b for b in budgets if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0 < b <= 1]
+  if bad or not budgets:
+    raise EvalError(f"budgets {bad or list(budgets)} must be fractions of the visual tokens in (0, 1] "
+                    "(e.g. 0.5,0.25,0.125)")
+  if num_examples < 0:
+    raise EvalError(f"num_examples={num_examples} must be >= 0 (0: the whole split)")
+  if batch_size < 1:
+    raise EvalError(f"batch_size={batch_size} must be >= 1")
+  try:
+    os.makedirs(outdir, exist_ok=True)
+    probe = os.path.join(outdir, f".write_test_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("")
+    os.remove(probe)
+  except OSError as e:
+    raise EvalError(f"--outdir {outdir!r} cannot be written ({e.strerror}); choose a writable directory") from None
+
+
+
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes_tiny")
 
 
@@ -259,13 +288,14 @@ def main(*, checkpoint: str | None = None, dataset: str = "bundled", split: str 
   The model runs on a (data, fsdp, tensor) mesh of `mesh_shape` over every
   device of every process; with several processes, process 0 prints and writes.
   """
-  import vtr_jax
+  from vtr_jax.convert import load  # the loaders sit below evaluation; imported here to keep this module light
+  check_settings(methods=methods, budgets=budgets, num_examples=num_examples, batch_size=batch_size, outdir=outdir)
   path = checkpoint or SHIPPED
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint directory {path!r} does not exist" + (
         "; the shipped model is missing from this install (train it: see README, 'The shipped model')"
         if checkpoint is None else ""))
-  cfg, params, tok = vtr_jax.load(path)
+  cfg, params, tok = load(path)
   rows = load_rows(dataset, split, num_examples, cfg, columns)
   mesh = sharding.make_mesh(mesh_shape)
   lead = jax.process_index() == 0

@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 from typing import Any, Mapping
 
@@ -298,41 +299,95 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
       max_to_keep=config.train.keep_checkpoints, save_interval_steps=config.train.checkpoint_every))
 
 
-def check_same_model(saved: Mapping[str, Any], config: ml_collections.ConfigDict, where: str) -> None:
-  """Raises TrainingError naming every model field that differs from the run in `where`."""
-  def flat(d, prefix="model"):
-    out = {}
-    for k, v in d.items():
-      if isinstance(v, Mapping):
-        out.update(flat(v, f"{prefix}.{k}"))
-      else:
-        out[f"{prefix}.{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-  old, new = flat(saved.get("model", {})), flat(json.loads(config.model.to_json_best_effort()))
-  diffs = [f"{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}" for k in sorted(set(old) | set(new))
-           if old.get(k) != new.get(k)]
-  if diffs:
+def _flat(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f"{prefix}.{k}"))
+    else:
+      out[f"{prefix}.{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+# What a resumed run must share with the run that wrote its checkpoints, besides the model: the optimiser and
+# the schedule (a changed one would silently continue a different run). Logging, evaluation and checkpoint
+# cadence may change freely.
+RUN_FIELDS = ("seed", "optim", "train.steps", "train.batch_size", "train.trainable", "train.reduction",
+              "train.query_rows", "train.aux_weight")
+
+
+def config_changes(saved: Mapping[str, Any], config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+  """(model fields that differ, optimiser / schedule fields that differ) between a saved and a new config."""
+  old, new = _flat(saved, "config"), _flat(json.loads(config.to_json_best_effort()), "config")
+  def diff(prefixes):
+    keys = sorted(k for k in set(old) | set(new) if any(k == f"config.{p}" or k.startswith(f"config.{p}.")
+                                                       for p in prefixes))
+    return [f"{k[len('config.'):]}: checkpoint {old.get(k)!r}, config {new.get(k)!r}" for k in keys
+            if old.get(k) != new.get(k)]
+  return diff(("model",)), diff(RUN_FIELDS)
+
+
+def check_resumable(saved: Mapping[str, Any], config: ml_collections.ConfigDict, where: str, *,
+                    allow_changes: bool = False) -> list[str]:
+  """Raises TrainingError naming every field that differs from the run in `where`: model fields always (the
+  checkpoint cannot fit), optimiser / schedule fields unless `allow_changes` (then they are returned)."""
+  model, run = config_changes(saved, config)
+  if model:
     raise TrainingError(f"the checkpoints in {os.path.dirname(where)} were written with another model config "
-                        f"({'; '.join(diffs)}); use a new --workdir or the original config")
+                        f"({'; '.join(model)}); use a new --workdir or the original config")
+  if run and not allow_changes:
+    raise TrainingError(f"the checkpoints in {os.path.dirname(where)} were written with another optimiser or "
+                        f"schedule ({'; '.join(run)}); resuming would continue a different run: use a new --workdir, "
+                        "the original config, or --allow_config_change to continue anyway")
+  return run
+
+
+def _restore_error(step: int, directory: str, e: BaseException) -> str:
+  """One line for an orbax / TensorStore failure: the step, its directory, the arrays or files named in it."""
+  text = str(e)
+  arrays = sorted(set(re.findall(r"'path': '([^']+?)/?'", text)) - {f"{directory}/{step}/default"})
+  arrays = [a for a in arrays if not a.startswith("/")]
+  files = sorted(set(re.findall(r"(/[^\s'\"]+)", text)))
+  where = f"array {arrays[0]}" if arrays else f"file {files[0]}" if files else "its files"
+  first = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
+  return f"step {step} ({os.path.join(directory, str(step))}) cannot be read: {where} ({first})"
 
 
 def restore_or_init(mgr: ocp.CheckpointManager, model: VLM, config: ml_collections.ConfigDict, aux_weight: float,
-                    mesh, rules: sharding.Rules) -> TrainState:
+                    mesh, rules: sharding.Rules, *, fallback: bool = False,
+                    log=print) -> TrainState:
   """The latest checkpoint's state, or a fresh one, laid out in its shardings on `mesh`.
 
   Restoring reads each device's shards straight into the shardings of this
-  mesh, whatever mesh the checkpoint was written from.
+  mesh, whatever mesh the checkpoint was written from. A step that cannot be
+  read raises TrainingError naming it and what failed; with `fallback` it is
+  deleted and the previous kept step is restored instead.
   """
   abstract, shardings = state_shardings(model, config, aux_weight, mesh, rules)
-  latest = mgr.latest_step()
-  if latest is None:
+  steps = sorted(mgr.all_steps(), reverse=True)
+  if not steps:
     init = functools.partial(_fresh_state, model, config, aux_weight, config.seed)
     return jax.jit(init, out_shardings=shardings)()
   target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  try:
-    return mgr.restore(latest, args=ocp.args.StandardRestore(target))
-  except (ValueError, KeyError) as e:
-    raise TrainingError(f"checkpoint at step {latest} in {mgr.directory} does not fit this config: {e}") from None
+  for i, step in enumerate(steps):
+    try:
+      return mgr.restore(step, args=ocp.args.StandardRestore(target))
+    except json.JSONDecodeError as e:  # a metadata file that is not JSON any more
+      problem = _restore_error(step, str(mgr.directory), e)
+    except (ValueError, KeyError) as e:  # a structure that does not fit this config
+      raise TrainingError(f"checkpoint at step {step} in {mgr.directory} does not fit this config: {e}") from None
+    except Exception as e:  # orbax and TensorStore raise plain Exceptions for unreadable data
+      problem = _restore_error(step, str(mgr.directory), e)
+    rest = steps[i + 1:]
+    if not fallback:
+      hint = (f"; pass --fallback_checkpoint to resume from step {rest[0]}" if rest else
+              "; no earlier checkpoint is kept: delete the step or use a new --workdir")
+      raise TrainingError(f"checkpoint {problem}{hint}")
+    if not rest:
+      raise TrainingError(f"checkpoint {problem}, and no earlier checkpoint is kept: use a new --workdir")
+    log(f"warning: checkpoint {problem}; deleting it and resuming from step {rest[0]}")
+    mgr.delete(step)
+  raise AssertionError("unreachable")
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
@@ -345,7 +400,8 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
-          stop_at: int | None = None, progress: bool = True) -> dict[str, Any]:
+          stop_at: int | None = None, progress: bool = True, allow_config_change: bool = False,
+          fallback_checkpoint: bool = False) -> dict[str, Any]:
   """Runs (or resumes) training; returns the last logged metrics.
 
   Writes `workdir/checkpoints/` (orbax), `workdir/metrics.jsonl`,
@@ -357,6 +413,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   learning-rate schedule stays that of `train.steps` and resuming is exact. With
   several processes (`sharding.initialize_distributed`) every process runs
   this; process 0 writes the logs, the config and the export.
+  
+  Resuming refuses a config whose model, optimiser or schedule differs from
+  the run's (`check_resumable`; `allow_config_change` continues despite the
+  latter) and a checkpoint step that cannot be read (`fallback_checkpoint`
+  resumes from the previous kept step instead).
   """
   from tqdm import tqdm  # a dependency, imported here to keep `import vtr_jax.training` light
 
@@ -368,14 +429,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   lead = jax.process_index() == 0
   config_path = os.path.join(workdir, "config.json")
   if os.path.exists(config_path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
-    check_same_model(json.load(open(config_path)), config, config_path)
+    with open(config_path) as f:
+      changed = check_resumable(json.load(f), config, config_path, allow_changes=allow_config_change)
+    if changed and lead:
+      print(f"warning: continuing the run in {workdir} with a changed config: {'; '.join(changed)}")
   if lead:
     with open(config_path, "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
   aux_weight = float(config.train.get("aux_weight", 0.0))
   mgr = checkpoint_manager(workdir, config)
-  state = restore_or_init(mgr, model, config, aux_weight, mesh, rules)
+  state = restore_or_init(mgr, model, config, aux_weight, mesh, rules, fallback=fallback_checkpoint,
+                          log=print if lead else (lambda *_: None))
   if lead and progress:
     _, shardings = state_shardings(model, config, aux_weight, mesh, rules)
     print(sharding.replication_report(state.params, shardings.params).summary())

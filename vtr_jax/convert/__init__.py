@@ -28,18 +28,22 @@ def load(path: str, *, dtype: str | None = None, param_dtype: str | None = None,
       vtr_jax layout directory with vtr_config.json, see `native`).
     dtype: compute dtype (default: the checkpoint's).
     param_dtype: parameter dtype (default: `dtype`).
-    tokenizer: also load tokenizer.json (None is returned when False).
+    tokenizer: also return the tokenizer (None is returned when False; its
+      special ids fill a config's missing pad / end-of-sequence ids either way).
   Returns:
     (VLMConfig, params {'params': ...} of NumPy arrays, Tokenizer or None).
   """
   path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise CheckpointError(f"checkpoint directory {path!r} does not exist")
+  tok = Tokenizer.from_directory(path) if tokenizer or os.path.exists(os.path.join(path, "tokenizer.json")) else None
   if is_native(path):
     cfg, params = load_native(path, dtype=dtype, param_dtype=param_dtype)
   else:
-    cfg = load_config(path, dtype=dtype, param_dtype=param_dtype)
+    ids = {"pad": tok.pad_token_id, "eos": tok.eos_token_id} if tok is not None else None
+    cfg = load_config(path, tokenizer_ids=ids, dtype=dtype, param_dtype=param_dtype)
     params = load_params(path, cfg)
-  tok = Tokenizer.from_directory(path) if tokenizer else None
-  return cfg, params, tok
+  return cfg, params, tok if tokenizer else None
 
 
 def save(path: str, cfg, params, tokenizer: Tokenizer | None = None) -> None:

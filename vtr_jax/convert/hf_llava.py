@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vtr_jax.convert.safetensors_io import CheckpointError, load_directory, save_file
+from vtr_jax.convert.safetensors_io import CheckpointError, check_finite, load_directory, save_file
 from vtr_jax.models.decoder import DecoderConfig
 from vtr_jax.models.vit import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, VisionConfig
 from vtr_jax.models.vlm import VLM, VLMConfig
@@ -158,8 +158,15 @@ def _rope_theta(text: Mapping[str, Any], default: float) -> float:
 
 def config_from_hf(hf: Mapping[str, Any], preprocessor: Mapping[str, Any] | None = None,
                    generation: Mapping[str, Any] | None = None, *, dtype: str | None = None,
-                   param_dtype: str | None = None) -> VLMConfig:
-  """A transformers `LlavaConfig` dict (config.json) -> `VLMConfig`."""
+                   param_dtype: str | None = None, tokenizer_ids: Mapping[str, int | None] | None = None) -> VLMConfig:
+  """A transformers `LlavaConfig` dict (config.json) -> `VLMConfig`.
+
+  Special ids: end of sequence from generation_config.json, text_config or
+  config.json, else the tokenizer's `eos` (`tokenizer_ids`), else an error
+  (generation could never stop early); padding from the same files, else the
+  tokenizer's pad token, else the first end-of-sequence id (transformers'
+  convention) -- never a silent 0, which is a real token in most vocabularies.
+  """
   model_type = hf.get("model_type")
   if model_type != "llava":
     hint = (" LLaVA-OneVision's any-resolution tiling is not implemented; its tower, projector and LLM "
@@ -211,13 +218,21 @@ def config_from_hf(hf: Mapping[str, Any], preprocessor: Mapping[str, Any] | None
       rope_theta=_rope_theta(text, 10000.0 if tkind == "llama" else 1000000.0),
       tie_embeddings=bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
       max_positions=int(text.get("max_position_embeddings", 4096)), dtype=dtype, param_dtype=param_dtype)
-  gen = generation or {}
-  eos = gen.get("eos_token_id", text.get("eos_token_id", hf.get("eos_token_id")))
-  eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
-  pad = gen.get("pad_token_id", text.get("pad_token_id", hf.get("pad_token_id")))
+  gen, ids = generation or {}, tokenizer_ids or {}
+  first = lambda key: next((d[key] for d in (gen, text, hf) if d.get(key) is not None), None)  # noqa: E731
+  eos = first("eos_token_id")
+  eos = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+  if not eos and ids.get("eos") is not None:
+    eos = (int(ids["eos"]),)
+  if not eos:
+    raise CheckpointError("the checkpoint defines no end-of-sequence id (eos_token_id in generation_config.json or "
+                          "config.json, or the tokenizer's eos_token): generation could never stop early; set one")
+  pad = first("pad_token_id")
+  if pad is None:
+    pad = ids.get("pad") if ids.get("pad") is not None else eos[0]
   image_id = hf.get("image_token_id", hf.get("image_token_index", 32000))
   return VLMConfig(vision=vision, text=decoder, projector="mlp2x_gelu", image_token_id=int(image_id),
-                   pad_token_id=int(pad if pad is not None else 0), eos_token_ids=eos,
+                   pad_token_id=int(pad), eos_token_ids=eos,
                    name=f"llava-{vkind}-{tkind}")
 
 
@@ -370,16 +385,19 @@ def _read_json(path: str, required: bool) -> dict | None:
     raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_config(directory: str, **dtypes) -> VLMConfig:
+def load_config(directory: str, tokenizer_ids: Mapping[str, int | None] | None = None, **dtypes) -> VLMConfig:
   if not os.path.isdir(directory):
     raise CheckpointError(f"checkpoint directory {directory!r} does not exist")
   return config_from_hf(_read_json(os.path.join(directory, "config.json"), True),
                         _read_json(os.path.join(directory, "preprocessor_config.json"), False),
-                        _read_json(os.path.join(directory, "generation_config.json"), False), **dtypes)
+                        _read_json(os.path.join(directory, "generation_config.json"), False),
+                        tokenizer_ids=tokenizer_ids, **dtypes)
 
 
 def load_params(directory: str, cfg: VLMConfig) -> dict:
-  return {"params": convert_tensors(load_directory(directory), cfg, source=directory)}
+  tensors = load_directory(directory)
+  check_finite(tensors, directory)
+  return {"params": convert_tensors(tensors, cfg, source=directory)}
 
 
 def export(directory: str, cfg: VLMConfig, params: Mapping) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from vtr_jax.convert.hf_llava import _listing, flatten, param_shapes, unflatten
-from vtr_jax.convert.safetensors_io import CheckpointError, load_file, save_file
+from vtr_jax.convert.safetensors_io import CheckpointError, check_finite, load_file, save_file
 from vtr_jax.models.decoder import DecoderConfig
 from vtr_jax.models.vit import VisionConfig
 from vtr_jax.models.vlm import VLMConfig
@@ -76,6 +76,7 @@ def load_native(directory: str, *, dtype: str | None = None, param_dtype: str | 
   if not os.path.exists(weights):
     raise CheckpointError(f"{weights} not found: a vtr_jax checkpoint directory needs {WEIGHTS_FILE}")
   tensors = load_file(weights)
+  check_finite(tensors, weights)
   expected = param_shapes(cfg)
   unused = sorted(set(tensors) - set(expected))
   missing = sorted(set(expected) - set(tensors))

@@ -137,3 +137,16 @@ def load_directory(directory: str) -> dict[str, np.ndarray]:
         raise CheckpointError(f"tensor {name!r} appears in more than one shard of {directory}")
       out[name] = arr
   return out
+
+
+def check_finite(tensors: Mapping[str, np.ndarray], source: str) -> None:
+  """Raises CheckpointError naming the floating tensors that hold NaN or Inf."""
+  bad = []
+  for name, arr in tensors.items():
+    if np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16":
+      count = int(np.size(arr) - np.count_nonzero(np.isfinite(np.asarray(arr, np.float32))))
+      if count:
+        bad.append(f"{name} ({count} of {arr.size})")
+  if bad:
+    raise CheckpointError(f"{source}: {len(bad)} tensor(s) hold NaN/Inf values: {', '.join(bad[:6])}"
+                          + (" ..." if len(bad) > 6 else "") + "; the checkpoint is corrupt or was saved diverged")

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from vtr_jax.models import common as c
+from vtr_jax.models.inputs import check_pixels
 from vtr_jax.seams import BlockHook
 
 Array = jax.Array
@@ -507,14 +508,6 @@ def split_crops(pixels: Array, config: VisionConfig) -> Array:
     thumb = jax.image.resize(pixels, (b, s, s, ch), method="bilinear", antialias=True)
     views = jnp.concatenate([views, thumb[:, None].astype(views.dtype)], axis=1)  # [B, V, S, S, C]
   return views.reshape(b * config.num_crops, s, s, ch)
-
-
-def check_pixels(config: VisionConfig, pixels) -> None:
-  """Raises ValueError unless pixels is [B, S, S, C] for this tower."""
-  want = (config.image_size, config.image_size, config.num_channels)
-  if len(pixels.shape) != 4 or tuple(pixels.shape[1:]) != want:
-    raise ValueError(f"pixels must be float[B, {want[0]}, {want[1]}, {want[2]}] (channels last) for this "
-                     f"tower, got shape {tuple(pixels.shape)}; resize with vtr_jax.models.vit.preprocess")
 
 
 def preprocess(images, config: VisionConfig) -> Array:

@@ -27,9 +27,11 @@ from vtr_jax import sharding
 from vtr_jax.models import common as c
 from vtr_jax.models.decoder import Decoder, DecoderConfig, KVCache
 from vtr_jax.models.projector import TokenPacker, make_projector, packed_grid
-from vtr_jax.models.vit import VisionConfig, VisionTower, check_pixels
+from vtr_jax.models import inputs
+from vtr_jax.models.inputs import check_pixels, check_prompts  # noqa: F401  (public here)
+from vtr_jax.models.vit import VisionConfig, VisionTower
 from vtr_jax.reduce import primitives as P
-from vtr_jax.reduce.api import Context, Plan, implements, llm_boundary_hook, parse
+from vtr_jax.reduce.api import Context, Plan, ReductionError, implements, llm_boundary_hook, parse
 from vtr_jax.seams import TEXT, LLMState, Tokens, splice
 
 Array = jax.Array
@@ -176,7 +178,15 @@ class VLM(nn.Module):
     cfg = self.config
     vcfg = cfg.vision
     plan = parse(reduction)
+    check_pixels(vcfg, pixels)
     vision_methods, embed_methods = plan.at("vision"), plan.at("embed")
+    needs = {m.name: m.vision_extras(vcfg) | ({("block", -1)} if implements(m, "block_hook") else set())
+             for m in vision_methods + embed_methods}
+    if vcfg.num_registers and any(needs.values()):  # the tower hands on registers, not the patch grid
+      names = sorted(name for name, need in needs.items() if need)
+      raise ReductionError(f"{', '.join(names)} read the tower's patch grid (attention extras or in-block merging), "
+                           f"but this tower hands {vcfg.num_features} visual registers to the LLM; use methods that "
+                           "need no extras (random, uniform, divprune, ...) at the embed stage (name@embed)")
     extras = frozenset().union(*(m.vision_extras(vcfg) for m in vision_methods + embed_methods))
     hook = next((h for h in (m.block_hook(vcfg) for m in vision_methods) if h is not None), None)
     if hook is not None:  # selections run per device on its own samples (no cross-device gathers)
@@ -206,6 +216,10 @@ class VLM(nn.Module):
       tokens, method_aux = sharding.per_sample(m.reduce)(tokens, ctx)
       aux.update({f"reduce/{m.name}/{k}": v for k, v in method_aux.items()})
     if isinstance(self.projector, TokenPacker):  # regions of the grid -> one token each
+      if vision_methods and tokens.count != vcfg.num_patches:
+        raise ReductionError(f"{', '.join(m.name for m in vision_methods)} left {tokens.count} of the "
+                             f"{vcfg.num_patches} patches before the tokenpacker projector, which packs the full "
+                             "grid; run them after it, at the embed stage (name@embed)")
       tokens = self.projector.pack(tokens)
     else:
       tokens = tokens.replace(x=self.projector(tokens.x))
@@ -245,6 +259,10 @@ class VLM(nn.Module):
       the last layer) and the methods' reports (`llm/<method>/<name>`).
     """
     plan = parse(reduction)
+    cfg = self.config
+    check_pixels(cfg.vision, pixels)
+    check_prompts(tokens, valid, cfg.image_token_id, cfg.text.vocab_size)
+    inputs.check_batch(pixels, tokens)
     seq = (c.ACT_BATCH, c.ACT_LENGTH, c.ACT_EMBED)  # activation sharding at the seams (vtr_jax.sharding)
     text_x = c.constrain(self.decoder.embed(tokens), seq)
     image_slot = jnp.argmax(tokens == self.config.image_token_id, axis=1).astype(jnp.int32)
@@ -292,22 +310,6 @@ def _split_first(tokens: Tokens) -> tuple[Tokens, Tokens]:
   return head, rest
 
 
-def check_prompts(tokens, valid, image_token_id: int) -> None:
-  """Host-side validation of a prompt batch (raises ValueError naming values)."""
-  tokens = np.asarray(tokens)
-  valid = np.asarray(valid)
-  if tokens.ndim != 2:
-    raise ValueError(f"tokens must be int[B, T], got shape {tokens.shape}")
-  if valid.shape != tokens.shape:
-    raise ValueError(f"valid has shape {valid.shape}, tokens {tokens.shape}; they must match")
-  counts = np.sum((tokens == image_token_id) & valid.astype(bool), axis=1)
-  bad = np.nonzero(counts != 1)[0]
-  if bad.size:
-    i = int(bad[0])
-    raise ValueError(f"each prompt needs exactly one image placeholder (id {image_token_id}); "
-                     f"sample {i} has {int(counts[i])} (samples with the wrong count: {bad.tolist()})")
-
-
 def pad_prompts(prompts: list[list[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Left-pads token lists: -> (int32[B, T], bool[B, T])."""
   longest = max(len(p) for p in prompts)
@@ -343,13 +345,11 @@ def generate(model: VLM, params, pixels: Array, tokens: Array, valid: Array, *, 
     rng: PRNG key, required when temperature > 0.
   """
   cfg = model.config
-  if not isinstance(tokens, jax.core.Tracer):
-    check_prompts(tokens, valid, cfg.image_token_id)
   check_pixels(cfg.vision, pixels)
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if temperature > 0 and rng is None:
-    raise ValueError("sampling (temperature > 0) needs an rng key")
+  check_prompts(tokens, valid, cfg.image_token_id, cfg.text.vocab_size)
+  inputs.check_batch(pixels, tokens)
+  inputs.check_generation(cfg, tokens, valid, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          rng=rng)
   rng = jax.random.key(0) if rng is None else rng
   return _generate(model, params, pixels, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), rng,
                    max_new_tokens=max_new_tokens, reduction=parse(reduction), temperature=float(temperature), top_k=int(top_k),

@@ -6,7 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from vtr_jax.reduce.api import ReductionError, register
+from vtr_jax.reduce.api import ReductionError, check_fraction, register
 from vtr_jax.reduce.in_llm import common as C
 
 
@@ -59,6 +59,7 @@ class ToDRELLM(C.LLMMethod):
 
   @classmethod
   def for_budget(cls, fraction, model):
+    check_fraction(cls.name, fraction)
     return None  # the exit layer is decided by the data
 
   @classmethod

@@ -1,24 +1,26 @@
-"""tome / turbo (merging inside the ViT blocks) against a loop-based NumPy rendering of the rule."""
+"""Shared pieces of the tome rules (moved from tests/test_reduce_tome.py)."""
 
 from __future__ import annotations
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import reduce_harness as H
 from vtr_jax.models.vit import VisionConfig, VisionTower
 from vtr_jax.reduce import ReductionError, parse
 from vtr_jax.reduce.pre_llm.tome import bipartite_merge, merge_schedule
 
+__all__ = ["CLIP", "H", "ReductionError", "SIGLIP", "VisionConfig", "VisionTower", "bipartite_merge", "check_hook", "check_tower_run", "jax", "jnp", "make_state", "merge_schedule", "nn", "np", "np_merge", "np_semantic", "parse", "pytest", "run_hook"]
+
+
 CLIP = VisionConfig(image_size=32, patch_size=8, hidden_size=8, num_layers=4, num_heads=2, intermediate_size=8)
+
+
 SIGLIP = VisionConfig(kind="siglip", image_size=32, patch_size=8, hidden_size=8, num_layers=4, num_heads=2,
                       intermediate_size=8, feature_layers=(-1,))
 
 
-# ---- NumPy renderings ------------------------------------------------------------------------
 def np_semantic(q: np.ndarray, k: np.ndarray, size: np.ndarray, has_cls: bool) -> np.ndarray:
   """[T] softmax attention (logits q.k / sqrt(H) + log size) from the class token (or mean over all
   query rows), mean over heads. q, k: [T, N, H]."""
@@ -113,77 +115,8 @@ def check_hook(spec, vision, layer, state, alpha=None):
   return chosen_sets
 
 
-# ---- the schedule ------------------------------------------------------------------------------
-def test_merge_schedule_spreads_evenly_within_half():
-  s = merge_schedule("tome", 576, 192, 23)  # LLaVA-1.5: 24x24 patches, 23 blocks run
-  assert s == (17,) * 16 + (16,) * 7 and sum(s) == 384
-  assert merge_schedule("tome", 16, 2, 3) == (8, 4, 2)  # every block at its 50 % bound
-  assert merge_schedule("tome", 16, 8, 3) == (3, 3, 2)
-  assert merge_schedule("tome", 16, 16, 3) == (0, 0, 0)
-  n = 576
-  for r in merge_schedule("tome", 576, 64, 23):
-    assert r <= n // 2
-    n -= r
-  assert n == 64
-
-
-def test_clear_errors():
-  with pytest.raises(ReductionError, match=r"keep=1 cannot be reached from 16 patches in the 3 blocks.*r <= 50%.*at "
-                                           r"least 2 remain"):
-    parse("tome:keep=1").methods[0].block_hook(CLIP)
-  with pytest.raises(ReductionError, match="keep=20 is larger than the 16 tokens"):
-    parse("turbo:keep=20").methods[0].vision_counts(CLIP)
-  assert "keep=20" in H.plan_budget_errors("tome:keep=20", 16)
-  assert parse("tome:keep=1").methods[0].vision_counts(SIGLIP) == [16, 8, 4, 2]
-  assert parse("tome:keep=8").methods[0].vision_counts(CLIP) == [17, 14, 11]
-  with pytest.raises(ReductionError, match="at most half of the 16 patch tokens \\(8\\), got r=9"):
-    bipartite_merge(make_state(np.random.default_rng(0), 1, 17), 9, has_cls=True)
-
-
-def test_full_budget_merges_nothing():
-  state = make_state(np.random.default_rng(0), 2, 17, with_positions=False)
-  m = parse("turbo:keep=16").methods[0]
-  assert m.schedule(CLIP) == (0, 0, 0) and m.vision_counts(CLIP) == [17, 17, 17]
-  out = run_hook("turbo:keep=16", CLIP, 0, state)
-  np.testing.assert_array_equal(np.asarray(out["x"]), np.asarray(state["x"]))
-  np.testing.assert_array_equal(np.asarray(out["positions"]), np.tile(np.arange(17), (2, 1)))
-  assert bool(out["proportional"])
-
-
-def test_degenerate_states_stay_finite():
-  """Equal hidden states and all-zero keys and queries (a blank image) through every block, class token kept."""
-  state = {"x": jnp.ones((2, 17, 6)), "size": jnp.ones((2, 17))}
-  for layer in range(3):
-    zeros = jnp.zeros((2, state["x"].shape[1], 2, 4))
-    state = run_hook("turbo:keep=2", CLIP, layer, {**state, "q": zeros, "k": zeros, "metric": zeros.mean(axis=2)})
-  assert state["x"].shape == (2, 3, 6) and np.all(np.isfinite(np.asarray(state["x"])))
-  for row in np.asarray(state["positions"]):
-    assert row[0] == 0 and len(set(row.tolist())) == 3
-  np.testing.assert_array_equal(np.asarray(state["size"]).sum(axis=1), [17, 17])
-
-
-# ---- the rule, on hand-made hook states --------------------------------------------------------
-@pytest.mark.parametrize("spec,vision,layer,t", [
-    ("tome:keep=2", CLIP, 0, 17),  # r = 8, the 50 % bound, no positions yet (created on block 0)
-    ("tome:keep=8", CLIP, 1, 14),  # r = 3 on a state that already carries positions
-    ("tome:keep=5", SIGLIP, 2, 10),  # no class token, r = 3
-])
-def test_tome_hook_matches_numpy(spec, vision, layer, t):
-  state = make_state(np.random.default_rng(t), 2, t, with_positions=layer > 0)
-  check_hook(spec, vision, layer, state)
-
-
-@pytest.mark.parametrize("vision,layer,t", [(CLIP, 1, 14), (SIGLIP, 2, 10)])
-def test_turbo_hook_matches_numpy(vision, layer, t):
-  state = make_state(np.random.default_rng(10 + t), 2, t)
-  turbo = check_hook("turbo:keep=5,alpha=4", vision, layer, state, alpha=4.0)
-  tome = check_hook("tome:keep=5", vision, layer, state)
-  assert turbo != tome, "the semantic term changed nothing here; the test would not catch its absence"
-
-
-# ---- a whole tower run vs NumPy merging between the module's own blocks ------------------------
-@pytest.mark.parametrize("spec", ["tome:keep=6", "turbo:keep=6,alpha=3"])
-def test_tower_run_matches_numpy_merge(spec):
+def check_tower_run(spec):
+  """A 2-block tower with the method's hook against `np_merge` applied block by block."""
   cfg = VisionConfig(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
                      feature_layers=(2,))
   tower = VisionTower(cfg)
@@ -212,19 +145,3 @@ def test_tower_run_matches_numpy_merge(spec):
   np.testing.assert_allclose(np.asarray(aux["vision/size"]), size, err_msg=f"{spec}: sizes")
   np.testing.assert_array_equal(np.asarray(aux["vision/hook/positions"]), pos, err_msg=f"{spec}: positions")
   assert feats.shape == (2, 6, 16) and np.all(size.sum(axis=1) == 17)
-
-
-# ---- generic contracts, end to end on a tiny model ------------------------------------------
-@pytest.mark.parametrize("spec,kind", [("tome:keep=5", "clip"), ("turbo:keep=3", "siglip")])
-def test_batch_equals_single(spec, kind):
-  H.check_batch_equals_single(spec, kind)
-
-
-def test_traces_once():
-  H.check_traces_once("turbo:keep=6")
-
-
-# budget = 1 needs 4 blocks (SigLIP); budget = N merges nothing (test_full_budget_merges_nothing); the class-token
-# path on degenerate input: test_degenerate_states_stay_finite
-def test_degenerate_inputs():
-  H.check_no_nan_on_degenerate("turbo:keep=1", "siglip")

@@ -1,74 +1,19 @@
-"""visionzip against a loop-based NumPy rendering of the authors' dominant + contextual rule."""
+"""visionzip: dominant tokens ([CLS] + top patches by [CLS] attention summed over heads) then contextual tokens
+(uniformly spaced targets + the mean of the remaining tokens most key-similar to each)."""
 
 from __future__ import annotations
 
-import dataclasses
+from rules import rule
+from rules._visionzip import *  # noqa: F401,F403
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
-
-import reduce_harness as H
-from vtr_jax.models.vit import VisionConfig
-from vtr_jax.reduce import ReductionError, parse
-from vtr_jax.seams import Tokens
-
-VISION = VisionConfig(image_size=32, patch_size=8, hidden_size=8, num_layers=4, num_heads=2, intermediate_size=8)
-SIGLIP = VisionConfig(kind="siglip", image_size=32, patch_size=8, hidden_size=8, num_layers=4, num_heads=2,
-                      intermediate_size=8, feature_layers=(-1,))
-N, HEADS, KEY_DIM, DIM = 16, 2, 3, 5
+KEEP_ALL = None
+NO_KEEP_ALL = "the class token is added and the last tokens are merged into contextual tokens"
+ERRORS = [("visionzip:dominant=4", "needs a budget"), ("visionzip:keep=8,dominant=4,contextual=2", "must add up to the budget 8")]
 
 
-def _run(spec: str, vision, aux: dict, x):
-  """The method's reduce() under jit (one compile instead of one per op) on hand-made extras."""
-  method = parse(spec).methods[0]
-  return jax.jit(lambda aux, x: method.reduce(Tokens.full(x), H.method_context(vision, aux)))(aux, jnp.asarray(x))
-
-
-def np_visionzip(scores, keys, x, cls_feature, n_patches: int, contextual: int, dominant=None):
-  """Loop-based rule for one sample. scores/keys/x index the N patches; cls_feature None for SigLIP.
-
-  Returns (dominant patches ascending, output features, output positions).
-  """
-  n = len(scores)
-  if dominant is None:
-    dominant = sorted(sorted(range(n), key=lambda p: (-scores[p], p))[:n_patches])
-  out = ([cls_feature] if cls_feature is not None else []) + [x[p] for p in dominant]
-  positions = ([-1] if cls_feature is not None else []) + list(dominant)
-  rest = [p for p in range(n) if p not in dominant]
-  if contextual:
-    step = max(1, len(rest) // contextual)
-    local = list(range(0, len(rest), step))[:contextual]
-    targets = [rest[i] for i in local]
-    unit = {p: keys[p] / np.linalg.norm(keys[p]) for p in rest}
-    groups = {t: [] for t in targets}
-    for i, p in enumerate(rest):
-      if i in local:
-        continue
-      sims = [float(np.dot(unit[p], unit[t])) for t in targets]
-      groups[targets[sims.index(max(sims))]].append(p)  # ties: the first target
-    for t in targets:
-      mean = np.mean([x[p] for p in groups[t]], axis=0) if groups[t] else 0.0
-      out.append(x[t] + mean)
-      positions.append(t)
-  return dominant, np.array(out), positions
-
-
-def _inputs(seed: int, b: int = 3):
-  rng = np.random.default_rng(seed)
-  cls_attn = H.softmax_rows(rng, (b, HEADS, N + 1))
-  cls_attn[0, :, 4] = cls_attn[0, :, 9] = cls_attn[0, :, 11] = 0.5  # patches 3, 8, 10 tie at the top
-  keys = rng.standard_normal((b, N + 1, KEY_DIM)).astype(np.float32)
-  keys[1, :] = keys[1, 0]  # every key equal: all similarities tie
-  x = rng.standard_normal((b, N, DIM)).astype(np.float32)
-  cls_feature = rng.standard_normal((b, DIM)).astype(np.float32)
-  return cls_attn, keys, x, cls_feature
-
-
-@pytest.mark.parametrize("keep,dominant,contextual", [(8, None, None), (16, None, None), (7, 3, None), (None, 5, 4),
+@rule(*[(8, None, None), (16, None, None), (7, 3, None), (None, 5, 4),
                                                       (1, None, None)])
-def test_visionzip_matches_numpy(keep, dominant, contextual):
+def matches_numpy(keep, dominant, contextual):
   cls_attn, keys, x, cls_feature = _inputs(keep or 0)
   aux = {"vision/cls_attn/2": jnp.asarray(cls_attn), "vision/keys/2": jnp.asarray(keys),
          "vision/cls_feature": jnp.asarray(cls_feature)}
@@ -92,7 +37,8 @@ def test_visionzip_matches_numpy(keep, dominant, contextual):
       assert float(out.size[i].sum()) == N + 1
 
 
-def test_ties_resolve_to_the_lowest_index():
+@rule()
+def ties_resolve_to_the_lowest_index():
   cls_attn, keys, x, cls_feature = _inputs(0)
   aux = {"vision/cls_attn/2": jnp.asarray(cls_attn), "vision/keys/2": jnp.asarray(keys),
          "vision/cls_feature": jnp.asarray(cls_feature)}
@@ -101,8 +47,8 @@ def test_ties_resolve_to_the_lowest_index():
   assert np.all(np.asarray(maux["assign"][1]) == 0)  # equal keys: every token joins the first target
 
 
-@pytest.mark.parametrize("dominant,contextual", [(5, 3), (14, 2)])  # (14, 2): every remaining token a target
-def test_siglip_uses_received_attention_and_no_class_token(dominant, contextual):
+@rule(*[(5, 3), (14, 2)])  # (14, 2): every remaining token a target
+def siglip_uses_received_attention_and_no_class_token(dominant, contextual):
   rng = np.random.default_rng(5)
   received = rng.random((2, N)).astype(np.float32)
   keys = rng.standard_normal((2, N, KEY_DIM)).astype(np.float32)
@@ -115,7 +61,8 @@ def test_siglip_uses_received_attention_and_no_class_token(dominant, contextual)
     np.testing.assert_allclose(np.asarray(out.x[i]), feats, atol=1e-5)
 
 
-def test_default_splits_and_errors():
+@rule()
+def default_splits_and_errors():
   assert [parse(f"visionzip:keep={k}").methods[0].split(576) for k in (192, 128, 64)] == [(162, 30), (108, 20),
                                                                                           (54, 10)]
   assert parse("visionzip:ratio=0.5").methods[0].split(16) == (7, 1)
@@ -128,7 +75,8 @@ def test_default_splits_and_errors():
     parse("visionzip:keep=8,dominant=4,contextual=2").methods[0].kept(16)
 
 
-def test_visionzip_on_a_keep_cls_tower_keeps_dominant_patches():
+@rule()
+def keep_cls_tower_keeps_dominant_patches():
   """A tower that hands its class token on itself: no second class token, `dominant` patches."""
   cls_attn, keys, x, cls_feature = _inputs(5)
   aux = {"vision/cls_attn/2": jnp.asarray(cls_attn), "vision/keys/2": jnp.asarray(keys),
@@ -141,22 +89,3 @@ def test_visionzip_on_a_keep_cls_tower_keeps_dominant_patches():
     scores = np.float32([sum(cls_attn[i, h, 1 + p] for h in range(HEADS)) for p in range(N)])
     expected, _, _ = np_visionzip(scores, keys[i, 1:], x[i], None, d, c)
     H.tie_aware_equal(np.asarray(maux["index"][i]).tolist(), expected, scores, d)
-
-
-# ---- generic contracts, end to end on a tiny model ------------------------------------------
-def test_batch_equals_single():
-  H.check_batch_equals_single("visionzip:keep=8")
-
-
-@pytest.mark.slow  # the SigLIP twin; the CLIP instance runs by default
-def test_siglip_batch_equals_single():
-  H.check_batch_equals_single("visionzip:dominant=4,contextual=3", kind="siglip")
-
-
-def test_traces_once():
-  H.check_traces_once("visionzip:keep=8")
-
-
-@pytest.mark.parametrize("spec", ["visionzip:keep=16", "visionzip:keep=1"])
-def test_degenerate_inputs(spec):
-  H.check_no_nan_on_degenerate(spec)
