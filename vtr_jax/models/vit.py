@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vtr_jax.models import common as c
-from vtr_jax.processors import clip as clip_processor
+from vtr_jax.processors import ProcessorError, clip as clip_processor
 from vtr_jax.seams import BlockHook
 
 Array = jax.Array
@@ -529,7 +529,7 @@ def preprocess(images, config: VisionConfig) -> Array:
   if not isinstance(images, (list, tuple)):
     images = np.asarray(images)
     if images.ndim not in (3, 4) or images.shape[-1] != config.num_channels:
-      raise ValueError(f"images must be [B, h, w, {config.num_channels}] (channels last), "
+      raise ProcessorError(f"images must be [B, h, w, {config.num_channels}] (channels last), "
                        f"got shape {tuple(images.shape)}")
   make = clip_processor.clip_settings if config.kind == "clip" else clip_processor.siglip_settings
   return jnp.asarray(clip_processor.process(images, make(config.image_size, config.image_mean, config.image_std)))
