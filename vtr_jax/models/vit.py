@@ -32,9 +32,11 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vtr_jax.models import common as c
 from vtr_jax.models.inputs import check_pixels
+from vtr_jax.processors import ProcessorError, clip as clip_processor
 from vtr_jax.seams import BlockHook
 
 Array = jax.Array
@@ -511,23 +513,16 @@ def split_crops(pixels: Array, config: VisionConfig) -> Array:
 
 
 def preprocess(images, config: VisionConfig) -> Array:
-  """uint8[B, h, w, C] (any size) -> normalised float32[B, S, S, C].
+  """uint8[B, h, w, C] (or [h, w, C], or a list of images of any sizes) -> normalised float32[B, S, S, C].
 
-  Resizes with bilinear interpolation (antialiased) to the tower's input
-  size, scales to [0, 1] and normalises with the tower's mean and std.
+  The tower's Hugging Face image processor, PIL backend (`vtr_jax.processors.clip`): a CLIP tower resizes
+  the shortest edge to S (bicubic, aspect kept) and center-crops S x S (`CLIPImageProcessor`); a SigLIP
+  tower resizes to S x S (bicubic, `SiglipImageProcessor`). Then x / 255 and the tower's mean and std.
   """
-  images = jnp.asarray(images)
-  if images.ndim == 3:
-    images = images[None]
-  if images.ndim != 4 or images.shape[-1] != config.num_channels:
-    raise ValueError(f"images must be [B, h, w, {config.num_channels}] (channels last), "
-                     f"got shape {tuple(images.shape)}")
-  x = images.astype(jnp.float32)
-  if jnp.issubdtype(images.dtype, jnp.integer):
-    x = x / 255.0
-  s = config.image_size
-  if x.shape[1:3] != (s, s):
-    x = jax.image.resize(x, (x.shape[0], s, s, x.shape[-1]), method="bilinear", antialias=True)
-  mean = jnp.asarray(config.image_mean, jnp.float32)
-  std = jnp.asarray(config.image_std, jnp.float32)
-  return (x - mean) / std
+  if not isinstance(images, (list, tuple)):
+    images = np.asarray(images)
+    if images.ndim not in (3, 4) or images.shape[-1] != config.num_channels:
+      raise ProcessorError(f"images must be [B, h, w, {config.num_channels}] (channels last), "
+                          f"got shape {tuple(images.shape)}")
+  make = clip_processor.clip_settings if config.kind == "clip" else clip_processor.siglip_settings
+  return jnp.asarray(clip_processor.process(images, make(config.image_size, config.image_mean, config.image_std)))
