@@ -18,7 +18,7 @@ from vtr_jax.reduce import Plan, parse
 KEEP_ALL = "pdrop:layers=1/2/3,ratio=1.0"
 MASKED = "pdrop:layers=1/3,ratio=0.5"
 ERRORS = [("pdrop:layers=2/1", "strictly increasing"), ("pdrop:layers=1/4", r"layer=4 must be in 1\.\.3"),
-          ("pdrop:ratio=0", r"ratio=0.0 must be in \(0, 1\]"), ("pdrop:layers=0/2", r"layer=0 must be in 1\.\.3")]
+          ("pdrop:layers=1/2,ratio=0", r"ratio=0.0 must be in \(0, 1\]"), ("pdrop:layers=0/2", r"layer=0 must be in 1\.\.3")]
 
 
 @rule()

@@ -20,7 +20,7 @@ ERRORS = [("sparsevlm:layers=0/1,keep=3", "needs one budget per layer"),
           ("sparsevlm:layers=0/1/3,keep=3/2/1", r"layer=3 must be in 0\.\.2"),
           ("sparsevlm:layers=1/0,keep=3/2", "strictly increasing"),
           ("sparsevlm:layers=0/1,keep=3/2,mask=true", "mask=true needs recycle=false"),
-          ("sparsevlm:target=100", r"target=100 must be one of \[64, 128, 192\]"),
+          ("sparsevlm:layers=0/1/2,target=100", r"target=100 must be one of \[64, 128, 192\]"),
           ("sparsevlm:keep=3/2/1,target=64", "give keep= or target=, not both")]
 
 

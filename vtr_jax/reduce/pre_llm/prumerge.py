@@ -61,7 +61,7 @@ import jax.numpy as jnp
 
 from vtr_jax.kernels import ops
 from vtr_jax.reduce import primitives as P
-from vtr_jax.reduce.api import Method, register, resolve_budget, target_tokens
+from vtr_jax.reduce.api import Method, ReductionError, register, resolve_budget, target_tokens
 from vtr_jax.reduce.pre_llm.fastervlm import check_patch_scores
 from vtr_jax.seams import Tokens
 
@@ -159,6 +159,12 @@ class PruMerge(Method):
   keep: int | None = None
   ratio: float | None = None
   neighbours: int = 32
+
+  def __post_init__(self):
+    super().__post_init__()
+    if isinstance(self.neighbours, bool) or self.neighbours < 1:
+      raise ReductionError(f"{self.name}: neighbours={self.neighbours} must be >= 1 (key neighbours merged into each "
+                           "kept token; the reference uses 32)")
 
   def cap(self, n: int) -> int:
     """Most outliers kept out of n patches."""
