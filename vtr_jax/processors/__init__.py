@@ -1,0 +1,1 @@
+"""Per-family processors: raw uint8 images and video frames -> the pixel inputs of each tower."""
