@@ -3,12 +3,12 @@
     cfg, params = load_qwen2_5_vl("/path/to/Qwen2.5-VL-7B-Instruct")
 
 Reads config.json (the flat 4.x layout and the nested 5.x `text_config`) and
-safetensors in either key layout transformers has written (`visual.*` +
-`model.*` as published, `model.visual.*` + `model.language_model.*` as 5.x
-saves). Conversion is strict, as `hf_llava`: a tensor that fills no parameter,
-a parameter no tensor fills, or a shape mismatch raises `CheckpointError`
-naming every offending key. `export` writes the 5.x layout, which
-transformers loads. Parameters: `{"params": {"vision": QwenVisionTower's,
+safetensors in either key layout (`visual.*` + `model.*`, as published and as
+transformers 5.24 still saves, or `model.visual.*` + `model.language_model.*`,
+its module names). Conversion is strict, as `hf_llava`: a tensor that fills no
+parameter, a parameter no tensor fills, or a shape mismatch raises
+`CheckpointError` naming every offending key. `export` writes the published
+layout and a 5.x config.json, which transformers loads. Parameters: `{"params": {"vision": QwenVisionTower's,
 "decoder": Decoder's}}`.
 """
 
@@ -46,7 +46,7 @@ class Qwen2_5_VLConfig:
 
 _PREFIXES = (("model.visual.", "vision."), ("visual.", "vision."), ("model.language_model.", "llm."),
              ("model.", "llm."), ("lm_head.", "lm_head."))
-_EXPORT_PREFIXES = {"vision.": "model.visual.", "llm.": "model.language_model.", "lm_head.": "lm_head."}
+_EXPORT_PREFIXES = {"vision.": "visual.", "llm.": "model.", "lm_head.": "lm_head."}
 
 _VISION_RULES = (
     ("vision.patch_embed.proj.weight", "vision/patch_embed/kernel", "patch"),
@@ -240,7 +240,7 @@ def convert_tensors(tensors: Mapping[str, np.ndarray], cfg: Qwen2_5_VLConfig, *,
 
 
 def params_to_tensors(params: Mapping, cfg: Qwen2_5_VLConfig) -> dict[str, np.ndarray]:
-  """Our params pytree -> HF tensors in the layout transformers 5.x saves."""
+  """Our params pytree -> HF tensors in the layout transformers saves (`visual.*`, `model.*`, `lm_head.*`)."""
   out = {}
   for path, value in flatten(params.get("params", params)).items():
     for pattern, hf, kind in _OURS_TO_HF:
