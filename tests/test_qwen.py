@@ -243,6 +243,10 @@ def test_tower_extras_match_a_loop_rendering(qwen):
     np.testing.assert_allclose(ours, ref[name, ref_layer], atol=1e-6, rtol=1e-5)
   padding = np.arange(MAX_PATCHES)[None] >= grid.prod(axis=1)[:, None]
   assert np.all(np.asarray(aux["vision/received_attn/0"])[padding] == 0)
+  assert np.all(np.asarray(aux["vision/keys/3"])[padding] == 0)
+  n_windows = len(hf_window_index(grid, qwen.cfg.vision)[1]) - 1
+  for layer, n_segments in ((0, n_windows), (1, grid[:, 0].sum())):  # 1 per window / temporal slice
+    assert abs(_unpad(aux[f"vision/received_attn/{layer}"], grid).sum() - n_segments) < 1e-4
   with pytest.raises(ValueError, match="no class token"):
     QwenVisionTower(qwen.cfg.vision).apply(qwen.params, patches, grid, extras=frozenset({("cls_attn", 0)}))
 
@@ -415,3 +419,12 @@ def test_export_loads_in_transformers(qwen, tmp_path):
   assert again.config.text_config.rope_parameters["mrope_section"] == [1, 2, 3]
   assert conv.load_qwen2_5_vl(str(tmp_path))[0] == qwen.cfg
   assert set(load_directory(str(tmp_path))) == set(load_directory(qwen.directory))
+
+
+def test_every_tower_parameter_has_logical_axes(qwen):
+  import flax.linen as nn
+  v = qwen.cfg.vision
+  boxed = jax.eval_shape(QwenVisionTower(v).init, jax.random.key(0), jnp.zeros((1, 4, v.patch_dim)),
+                         jnp.array([[1, 2, 2]], jnp.int32))["params"]
+  leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) and len(x.names) == x.value.ndim for x in leaves)

@@ -165,7 +165,9 @@ def window_layout(grid_thw: Array, num_units: int, config: QwenVisionConfig) -> 
   valid = u < t * mh * mw
   ti, rest = u // per_frame, u % per_frame
   r, col = rest // jnp.maximum(mw, 1), rest % jnp.maximum(mw, 1)
-  n_wr, n_wc = mh // win + 1, mw // win + 1  # padded windows per side: pad = win - n % win, always >= 1
+  # Windows per side after transformers' padding by win - n % win units (a whole empty window when n % win == 0;
+  # empty windows hold no unit, so they vanish from the order and the segments).
+  n_wr, n_wc = mh // win + 1, mw // win + 1
   window = (ti * n_wr + r // win) * n_wc + col // win
   key = jnp.where(valid, window * win * win + (r % win) * win + col % win, jnp.iinfo(jnp.int32).max)
   order = jnp.argsort(key, axis=1, stable=True).astype(jnp.int32)  # [B, M]
@@ -342,7 +344,8 @@ class QwenVisionTower(nn.Module):
     Args:
       patches: float[B, P, patch_dim] one visual input per row, padded with
         zeros after its t*h*w patches (`pad_patches`); P a multiple of 4.
-      grid_thw: int32[B, 3] (t, h, w) in patches of each row (may be traced).
+      grid_thw: int32[B, 3] (t, h, w) in patches of each row (may be traced;
+        t*h*w must fit P, which `pad_patches` checks).
       extras: pairs (name, block), name in EXTRA_NAMES, block an index in
         0..depth-1 or negative from the end. Per-patch values in input order
         (the 4 patches of output token j are slots 4j..4j+3: reshape to
@@ -384,6 +387,7 @@ class QwenVisionTower(nn.Module):
                                                                    ("frame", layout.frame))}  # [B, P]
     masks = {name: (s[:, :, None] == s[:, None, :]) & (s >= 0)[:, None, :] for name, s in segments.items()}
     inverse = jnp.argsort(patch_order, axis=1)  # window order -> input order
+    real = jnp.repeat(layout.valid, u, axis=1)  # [B, P] input order
 
     aux: dict[str, Any] = {"vision/valid": layout.valid, "vision/thw": layout.thw}
     for i, block in enumerate(self.blocks):
@@ -396,6 +400,7 @@ class QwenVisionTower(nn.Module):
           probs = c.masked_softmax(c.attention_logits(q, k), masks[kind][:, None])  # [B, N, P, P]
           size = jnp.sum(masks[kind], axis=1)  # [B, P] queries that see each key (0 on padding)
           value = probs.mean(axis=1).sum(axis=1) / jnp.maximum(size, 1)
-        aux[f"vision/{name}/{i}"] = take(value, inverse)
+        value = take(value, inverse)
+        aux[f"vision/{name}/{i}"] = jnp.where(real.reshape(real.shape + (1,) * (value.ndim - 2)), value, 0)
     merged = self.merger(x)  # [B, M, out], window order
     return take(merged, jnp.argsort(layout.order, axis=1)), aux
