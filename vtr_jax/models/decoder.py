@@ -6,6 +6,9 @@ K kv heads, H head dim, D model dim, F mlp dim, V vocabulary.
 - RMSNorm, RoPE from *explicit* position ids (never an implicit arange: some
   reduction methods keep original positions with gaps), grouped-query
   attention, SwiGLU MLP. Qwen2 adds q/k/v biases and its own RoPE base.
+- M-RoPE (Qwen2-VL / Qwen2.5-VL): with `mrope_section` set, positions may be
+  int32[B, T, 3] (t, h, w); frequency chunk i of the section split rotates by
+  axis i % 3 (`rope`). The causal mask still follows slot (sequence) order.
 - The KV cache is one `LayerCache` per layer, each with its own static length,
   because in-LLM token reduction shortens the caches of later layers.
 - `prefill` runs the layers as a Python loop over an `LLMState` and calls an
@@ -21,6 +24,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vtr_jax.models import common as c
 from vtr_jax.seams import BoundaryHook, LayerAccess, LLMState
@@ -36,6 +40,8 @@ class DecoderConfig:
     kind: `llama` or `qwen2` (q/k/v projections with bias).
     head_dim: per-head width; 0 means hidden_size // num_heads.
     tie_embeddings: the output head reuses the input embedding matrix.
+    mrope_section: M-RoPE's split of the head_dim // 2 rotary frequencies over
+      the (t, h, w) position axes (Qwen2.5-VL: (16, 24, 24)); () = 1-D RoPE.
   """
   kind: str = "llama"
   vocab_size: int = 32064
@@ -51,6 +57,7 @@ class DecoderConfig:
   max_positions: int = 4096
   dtype: str = "float32"
   param_dtype: str = "float32"
+  mrope_section: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.kind not in ("llama", "qwen2"):
@@ -60,6 +67,12 @@ class DecoderConfig:
     if not self.head_dim and self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
                        "set head_dim explicitly")
+    object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
+    if self.mrope_section and (sum(self.mrope_section) != self.dim_per_head // 2
+                               or min(self.mrope_section) < 1):
+      raise ValueError(f"mrope_section {list(self.mrope_section)} must be positive and sum to head_dim // 2 = "
+                       f"{self.dim_per_head // 2} (head_dim {self.dim_per_head}); it sums to "
+                       f"{sum(self.mrope_section)}")
 
   @property
   def qkv_bias(self) -> bool:
@@ -100,17 +113,35 @@ class KVCache:
   layers: tuple[LayerCache, ...]
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
-  """Rotary embedding, Hugging Face's rotate-half layout.
+def rope(x: Array, positions: Array, theta: float, mrope_section: tuple[int, ...] = ()) -> Array:
+  """Rotary embedding, Hugging Face's rotate-half layout (1-D RoPE or M-RoPE).
 
   Args:
     x: float[B, T, N, H].
-    positions: int32[B, T].
+    positions: int32[B, T], or int32[B, T, 3] (t, h, w) with `mrope_section`:
+      the H/2 frequencies are split into chunks of those sizes and chunk i
+      rotates by position axis i % 3 (transformers' `recomposition_frequencies`).
+      1-D positions with a section are the text case (all three axes equal).
+    theta: RoPE base.
+    mrope_section: static chunk sizes summing to H/2; () for 1-D RoPE.
   """
   h = x.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+  if positions.ndim == 3:
+    if not mrope_section:
+      raise ValueError(f"positions of shape {tuple(positions.shape)} are 3-D (t, h, w) but the decoder has no "
+                       "mrope_section; pass int32[B, T] positions or configure M-RoPE")
+    axis_of_freq = np.repeat(np.arange(len(mrope_section)) % 3, mrope_section)  # [H/2] static
+    positions = positions[..., axis_of_freq]  # [B, T, 3] -> [B, T, H/2]
+    angles = positions.astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  else:
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+  return apply_rotary(x, angles[:, :, None, :])
+
+
+def apply_rotary(x: Array, angles: Array) -> Array:
+  """x * cos + rotate_half(x) * sin with angles float32[..., H/2] broadcast against x float[..., H]."""
+  angles = jnp.concatenate([angles, angles], axis=-1)  # [..., H]
   cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
   x1, x2 = jnp.split(x, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
@@ -152,8 +183,8 @@ class DecoderAttention(nn.Module):
 
   def qk(self, x: Array, positions: Array) -> tuple[Array, Array]:
     """Normed hidden float[B, T, D] -> roped q float[B, T, N, H], k float[B, T, K, H]."""
-    theta = self.config.rope_theta
-    return rope(self.q_proj(x), positions, theta), rope(self.k_proj(x), positions, theta)
+    theta, section = self.config.rope_theta, self.config.mrope_section
+    return rope(self.q_proj(x), positions, theta, section), rope(self.k_proj(x), positions, theta, section)
 
   def __call__(self, x: Array, positions: Array, mask: Array,
                cache: LayerCache | None = None) -> tuple[Array, Array, Array, LayerCache | None]:
@@ -161,7 +192,7 @@ class DecoderAttention(nn.Module):
 
     Args:
       x: float[B, T, D] normed hidden states.
-      positions: int32[B, T].
+      positions: int32[B, T] (or int32[B, T, 3] with M-RoPE).
       mask: bool[B, T, S] (prefill, S = T) or bool[B, T, S_cache] (decode).
       cache: for decoding, the layer's cache; x's keys are written at `end`.
     Returns:
@@ -257,7 +288,7 @@ class Decoder(nn.Module):
     return logits
 
   def prefill(self, state: LLMState, *, cache_extra: int | None = None, hook: BoundaryHook | None = None,
-              last_only: bool = False) -> tuple[Array, KVCache | None, LLMState]:
+              last_only: bool = False, next_position: Array | None = None) -> tuple[Array, KVCache | None, LLMState]:
     """Runs every layer over a left-padded sequence.
 
     Args:
@@ -269,6 +300,12 @@ class Decoder(nn.Module):
       hook: optional boundary hook (in-LLM token reduction), called before the
         layers in `hook.layers`.
       last_only: return only the last slot's logits, float32[B, V].
+      next_position: int32[B], the position of the first decoded token in
+        every layer's cache. None: one more than the largest position (over
+        the valid slots, and over t/h/w with M-RoPE) each layer saw. M-RoPE
+        decoding continues 1-D from the *full* prompt's `n_valid + delta`
+        (`vtr_jax.models.mrope.next_position`), which a pruned prompt no longer
+        shows when the token holding the largest id was dropped: pass it then.
     Returns:
       (logits float32[B, T', V] or [B, V], cache or None, final state).
     """
@@ -282,7 +319,7 @@ class Decoder(nn.Module):
       x, k, v, _ = layer(state.x, state.positions, mask)
       state = state.replace(x=x)
       if cache_extra is not None:
-        caches.append(_new_cache(k, v, state.valid, state.positions, cache_extra))
+        caches.append(_new_cache(k, v, state.valid, state.positions, cache_extra, next_position))
     x = state.x
     logits = self.logits(x[:, -1:])[:, 0] if last_only else self.logits(x)
     cache = KVCache(tuple(caches)) if cache_extra is not None else None
@@ -301,8 +338,11 @@ class Decoder(nn.Module):
     return logits, KVCache(tuple(new_layers))
 
 
-def _new_cache(k: Array, v: Array, valid: Array, positions: Array, extra: int) -> LayerCache:
+def _new_cache(k: Array, v: Array, valid: Array, positions: Array, extra: int,
+               next_position: Array | None = None) -> LayerCache:
   pad = ((0, 0), (0, extra), (0, 0), (0, 0))
-  next_position = jnp.max(jnp.where(valid, positions, -1), axis=1).astype(jnp.int32) + 1
+  if next_position is None:
+    largest = positions if positions.ndim == 2 else jnp.max(positions, axis=-1)  # M-RoPE: over (t, h, w)
+    next_position = jnp.max(jnp.where(valid, largest, -1), axis=1) + 1
   return LayerCache(jnp.pad(k, pad), jnp.pad(v, pad), jnp.pad(valid, ((0, 0), (0, extra))),
-                    jnp.asarray(k.shape[1], jnp.int32), next_position)
+                    jnp.asarray(k.shape[1], jnp.int32), next_position.astype(jnp.int32))

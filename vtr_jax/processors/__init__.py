@@ -6,6 +6,7 @@ NumPy and PIL only (no torch), channels last. One module per family:
   llava_next  `LlavaNextImageProcessor`: best-fit canvas, tiles, `image_sizes`, `<image>` token counts
   onevision   `LlavaOnevisionImageProcessor` (anyres_max, multi-image) and the video steps, token counts
   video       PyAV reading and transformers' uniform / fps frame sampling
+  qwen2_vl    `Qwen2VLImageProcessor` smart_resize and patchify (temporal patch 2), the video steps
   common      settings read from a checkpoint (processor_config.json / preprocessor_config.json) and the
               PIL-backend steps every processor shares
 
