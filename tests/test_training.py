@@ -116,10 +116,15 @@ def test_reduction_schedule_parsing():
 
 
 @pytest.mark.slow
-def test_scheduled_training_runs(tmp_path):
-  c = _config(steps=4, eval_every=0, log_every=1, reduction="2:pool:stride=2|none")
-  training.train(c, str(tmp_path), progress=False)
-  assert len(training.read_metrics(str(tmp_path))) == 4
+def test_scheduled_training_switches_plans_at_the_boundary(tmp_path):
+  """Steps before the boundary train exactly as a run under the first plan, the step after it differs from it."""
+  losses = {}
+  for name, reduction in (("scheduled", "2:pool:stride=2|none"), ("pool", "pool:stride=2")):
+    c = _config(steps=3, eval_every=0, log_every=1, reduction=reduction)
+    training.train(c, str(tmp_path / name), progress=False)
+    losses[name] = [r["loss"] for r in training.read_metrics(str(tmp_path / name))]
+  assert losses["scheduled"][:2] == losses["pool"][:2]
+  assert losses["scheduled"][2] != losses["pool"][2]
 
 
 def test_auxiliary_scene_supervision_trains_heads_but_exports_only_the_model(tmp_path):
