@@ -321,3 +321,14 @@ def test_prompt_longer_than_the_context_is_refused(tiny_clip):
   with pytest.raises(ValueError, match=r"prompt 0 has \d+ tokens: .* more than the model's 256"):
     tasks.answer(VLM(tiny_clip.config), tiny_clip.params, tiny_clip.tokenizer, [prompt], [_image(0)],
                  max_new_tokens=4)
+
+
+def test_image_placeholder_in_the_text_or_missing(tiny_clip):
+  from test_chat import TEMPLATES
+  template, tok = chat.load(tiny_clip.directory), tiny_clip.tokenizer
+  assert tasks.render(template, tok, "w5 w6") == "USER: <image>\nw5 w6 ASSISTANT:"
+  assert tasks.render(template, tok, "w5 <image> w6") == "USER: w5 <image> w6 ASSISTANT:"  # where the data put it
+  qwen = chat.ChatTemplate(TEMPLATES["qwen2.5-vl"], "test")  # writes <|image_pad|>, not this tokenizer's <image>
+  with pytest.raises(ValueError, match="prompt 0 holds the image placeholder '<image>' 0 times"):
+    tasks.answer(VLM(tiny_clip.config), tiny_clip.params, tok, [tasks.render(qwen, tok, "w5")], [_image(0)],
+                 max_new_tokens=2)

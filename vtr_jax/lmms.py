@@ -93,7 +93,7 @@ class VtrJax(lmms):
       groups.setdefault(self._settings(r.args[1]), []).append(i)
     out: list[str] = [""] * len(requests)
     for (max_new_tokens, until), index in groups.items():
-      prompts = [self.template.prompt(requests[i].args[0]) for i in index]
+      prompts = [tasks.render(self.template, self.tokenizer, requests[i].args[0]) for i in index]
       images = [self._image(requests[i]) for i in index]
       answers = tasks.answer(self.model, self.params, self.tokenizer, prompts, images, max_new_tokens=max_new_tokens,
                              stop=until, reduction=self.reduction, batch_size=self.batch_size)

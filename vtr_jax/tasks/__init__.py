@@ -12,8 +12,8 @@ seedbench (single-image tasks, run end to end) and videomme, mvbench (defined; r
 
 from vtr_jax.tasks import benchmarks  # noqa: F401  (registers the tasks)
 from vtr_jax.tasks.base import Task, UnknownTaskError, UnsupportedInputError, get, known, register
-from vtr_jax.tasks.generate import answer, run_task, truncate
+from vtr_jax.tasks.generate import answer, render, run_task, truncate
 from vtr_jax.tasks.loading import TaskData, image_of, load
 
 __all__ = ["Task", "TaskData", "UnknownTaskError", "UnsupportedInputError", "answer", "get", "image_of", "known",
-           "load", "register", "run_task", "truncate"]
+           "load", "register", "render", "run_task", "truncate"]

@@ -95,6 +95,6 @@ VIDEOMME = register(Task(
     split="test", max_new_tokens=16, visual="video", visual_column="videoID",
     source="lmms-lab/Video-MME; lmms-eval videomme"))
 MVBENCH = register(Task(
-    "mvbench", ("question", "candidates", "answer", "video"), _mvbench_prompt, metrics.mvbench(), split="train",
-    max_new_tokens=16, visual="video", visual_column="video", data_files="json/*.json",
-    source="OpenGVLab/MVBench; lmms-eval mvbench_<subtask>"))
+    "mvbench", ("question", "candidates", "answer", "video"), _mvbench_prompt, metrics.mvbench(),
+    split="action_count", max_new_tokens=16, visual="video", visual_column="video", data_files="json/*.json",
+    source="OpenGVLab/MVBench (split = the subtask, json/<subtask>.json); lmms-eval mvbench_<subtask>"))

@@ -44,6 +44,12 @@ def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str]) -> list[list[in
   return [tokenizer.encode(p, add_special_tokens=not (bos and p.startswith(bos))) for p in prompts]
 
 
+def render(template: ChatTemplate, tokenizer: Tokenizer, text: str) -> str:
+  """The prompt for a question: the template's user turn with the image first, or, when the text already holds
+  the image placeholder (LLaVA-style data), with the placeholder where the text puts it."""
+  return template.prompt(text, images=0 if tokenizer.image_token in text else 1)
+
+
 def _decode(tokenizer: Tokenizer, ids: np.ndarray, eos: Sequence[int]) -> str:
   ids = list(ids)
   cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
@@ -70,6 +76,10 @@ def answer(model: VLM, params, tokenizer: Tokenizer, prompts: Sequence[str], ima
   if len(prompts) != len(images):
     raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
   cfg = model.config
+  for i, p in enumerate(prompts):
+    if p.count(tokenizer.image_token) != 1:
+      raise ValueError(f"prompt {i} holds the image placeholder {tokenizer.image_token!r} "
+                       f"{p.count(tokenizer.image_token)} times (needs exactly once); its start: {p[:200]!r}")
   ids = encode_prompts(tokenizer, prompts)
   pad = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.pad_token_id) if i is not None)
   out = []
@@ -117,7 +127,7 @@ def run_task(model: VLM, params, tokenizer: Tokenizer, task_name: str | Task, da
     split: overrides the task's split; cache_dir: `datasets`' cache.
     progress: show a progress bar.
   Returns:
-    (per-example records [{`id`, `prompt`, `prediction`, `reference`, `score`}], the task's metric
+    (per-example records [{`id`, `prompt`, `prompt_tokens`, `prediction`, `reference`, `score`}], the task's metric
     values, its headline value also under `score` and the example count under `examples`).
   Raises UnknownTaskError, FileNotFoundError / ColumnError for the data, UnsupportedInputError for
   video or multi-image tasks.
@@ -127,7 +137,7 @@ def run_task(model: VLM, params, tokenizer: Tokenizer, task_name: str | Task, da
   data = loading.load(task, data_dir, split=split, num_examples=num_examples, cache_dir=cache_dir)
   rows = list(data)
   texts = [task.text(row) for row in rows]
-  prompts = [template.prompt(t) for t in texts]
+  prompts = [render(template, tokenizer, t) for t in texts]
   images = [loading.image_of(task, row) for row in rows]
   params = jax.device_put(params)
   from tqdm import tqdm
@@ -135,8 +145,9 @@ def run_task(model: VLM, params, tokenizer: Tokenizer, task_name: str | Task, da
     answers = answer(model, params, tokenizer, prompts, images, max_new_tokens=max_new_tokens or task.max_new_tokens,
                      stop=task.stop, reduction=reduction, batch_size=batch_size, progress=bar.update)
   records = [task.metric.score(a, row) for a, row in zip(answers, rows)]
-  predictions = [{"id": row.get("question_id", row.get("index", i)), "prompt": p, "prediction": a,
-                  "reference": _reference(task, row), "score": r["score"]}
-                 for i, (row, p, a, r) in enumerate(zip(rows, prompts, answers, records))]
+  lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts)]
+  predictions = [{"id": row.get("question_id", row.get("index", i)), "prompt": p, "prompt_tokens": n,
+                  "prediction": a, "reference": _reference(task, row), "score": r["score"]}
+                 for i, (row, p, n, a, r) in enumerate(zip(rows, prompts, lengths, answers, records))]
   values = task.metric.aggregate(records)
   return predictions, {**values, "score": values[task.metric.primary], "examples": float(len(rows))}
