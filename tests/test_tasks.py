@@ -249,7 +249,7 @@ def test_truncate_at_the_first_stop_string():
 def _hf_answer(tiny, tok, prompt: str, image, n: int, stop) -> str:
   ids = tasks.generate.encode_prompts(tok, [prompt])[0]
   input_ids = torch.tensor([hf_tiny.hf_input_ids(ids, tiny.config.num_image_tokens)])
-  px = torch.from_numpy(vqa.pixels([{"image": image}], tiny.config.vision)).permute(0, 3, 1, 2)
+  px = torch.from_numpy(np.array(vqa.pixels([{"image": image}], tiny.config.vision))).permute(0, 3, 1, 2)
   with torch.no_grad():
     out = tiny.torch_model.generate(input_ids=input_ids, pixel_values=px, max_new_tokens=n, do_sample=False,
                                     pad_token_id=hf_tiny.PAD, eos_token_id=hf_tiny.EOS)
@@ -332,3 +332,25 @@ def test_image_placeholder_in_the_text_or_missing(tiny_clip):
   with pytest.raises(ValueError, match="prompt 0 holds the image placeholder '<image>' 0 times"):
     tasks.answer(VLM(tiny_clip.config), tiny_clip.params, tok, [tasks.render(qwen, tok, "w5")], [_image(0)],
                  max_new_tokens=2)
+
+
+def test_shipped_model_answers_through_its_template_as_the_bundled_evaluation(tmp_path):
+  """The shipped model's chat template is its training prompt: the task path answers the bundled questions with
+  the token the bundled evaluation predicts (prefill argmax at the prompt's last position)."""
+  import vtr_jax
+  from vtr_jax import evaluation
+  from vtr_jax.data import scenes
+  cfg, params, tok = vtr_jax.load(evaluation.SHIPPED)
+  rows = vqa.build_split("test", 14, scenes.SceneConfig(image_size=cfg.vision.image_size))
+  os.makedirs(tmp_path / "data")
+  rows.to_parquet(str(tmp_path / "data" / "test-00000-of-00001.parquet"))
+  task = tasks.Task("bundled", ("question", "answer"), "{question}", metrics.exact_match(), split="test",
+                    max_new_tokens=2)
+  preds, scores = tasks.run_task(VLM(cfg), params, tok, task, str(tmp_path), batch_size=14,
+                                 template=chat.load(evaluation.SHIPPED, fallback=None))
+  batch = vqa.prompt_batch(list(rows), tok, cfg.vision, length=vqa.PROMPT_LENGTH)
+  logits, _, _ = VLM(cfg).apply(params, batch.pixels, batch.tokens, batch.valid, last_only=True, method=VLM.prefill)
+  expected = [tok.decode([int(i)]) for i in np.argmax(np.asarray(logits), axis=-1)]
+  assert [p["prediction"] for p in preds] == expected
+  assert [p["prompt"] for p in preds] == [vqa.format_prompt(r["question"]) for r in rows]
+  assert scores["accuracy"] == np.mean([e == r["answer"] for e, r in zip(expected, rows)])

@@ -175,7 +175,8 @@ def _named_files(directory: str) -> dict[str, str]:
   folder = os.path.join(directory, "additional_chat_templates")
   if not os.path.isdir(folder):
     return {}
-  return {f[:-len(".jinja")]: _read(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f.endswith(".jinja")}
+  names = sorted(f for f in os.listdir(folder) if f.endswith(".jinja"))
+  return {f[:-len(".jinja")]: _read(os.path.join(folder, f)) for f in names}
 
 
 def _jinja_templates(directory: str) -> dict[str, str]:
