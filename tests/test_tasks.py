@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 
 import datasets
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 import hf_tiny
+import vtr_jax
 from vtr_jax import chat, metrics, tasks
 from vtr_jax.data import vqa
 from vtr_jax.data.vqa import ColumnError
@@ -354,3 +356,41 @@ def test_shipped_model_answers_through_its_template_as_the_bundled_evaluation(tm
   assert [p["prediction"] for p in preds] == expected
   assert [p["prompt"] for p in preds] == [vqa.format_prompt(r["question"]) for r in rows]
   assert scores["accuracy"] == np.mean([e == r["answer"] for e, r in zip(expected, rows)])
+
+
+# ---- eval.py --task --------------------------------------------------------------------------
+@pytest.mark.parametrize("name, writer", [("pope", write_pope), ("textvqa", write_textvqa), ("mme", write_mme)])
+def test_eval_task_sweep_end_to_end(tiny_clip, tmp_path, capsys, name, writer):
+  """A tiny HF checkpoint on locally written POPE / TextVQA / MME layouts (multi-token answers, long prompts):
+  the full model and a method at two budgets, the table, JSON/CSV/plot and the per-example predictions; the full
+  row's answers are `run_task`'s."""
+  from vtr_jax import chat, evaluation
+  data = str(tmp_path / name)
+  writer(data)
+  out = str(tmp_path / "out")
+  results = evaluation.main(checkpoint=tiny_clip.directory, task=name, data=data, methods=["fastervlm"],
+                            budgets=[0.5, 0.25], batch_size=4, num_examples=0, outdir=out, progress=False)
+  printed = capsys.readouterr().out
+  assert [r.method for r in results] == ["full", "fastervlm", "fastervlm"] and "fastervlm" in printed
+  assert results[0].accuracy == results[0].accuracy and results[1].flops_ratio < 1  # a number, and cheaper
+  with open(os.path.join(out, "predictions.json")) as f:
+    predictions = json.load(f)
+  preds, _ = tasks.run_task(vtr_jax.VLM(tiny_clip.config), tiny_clip.params, tiny_clip.tokenizer, name, data,
+                            batch_size=4, template=chat.load(tiny_clip.directory))
+  assert [p["prediction"] for p in predictions["none"]] == [p["prediction"] for p in preds]
+  for f in ("results.json", "results.csv", "accuracy_vs_flops.png"):
+    assert os.path.exists(os.path.join(out, f))
+
+
+def test_eval_task_errors(tiny_clip, tmp_path):
+  from vtr_jax import evaluation
+  with pytest.raises(evaluation.EvalError, match=r"unknown task 'popee'; known tasks: .*pope"):
+    evaluation.main(checkpoint=tiny_clip.directory, task="popee", data=str(tmp_path), outdir=str(tmp_path))
+  with pytest.raises(evaluation.EvalError, match="--task=pope needs --data=DIR"):
+    evaluation.main(checkpoint=tiny_clip.directory, task="pope", outdir=str(tmp_path))
+  write_pope(str(tmp_path / "pope"))
+  with pytest.raises(chat.ChatTemplateError, match="has no chat template .* and no fallback was given"):
+    evaluation.main(checkpoint=tiny_clip.directory, task="pope", data=str(tmp_path / "pope"), chat_template="none",
+                    outdir=str(tmp_path / "o"), methods=[], progress=False)
+  with pytest.raises(evaluation.EvalError, match="--import 'no_such_module' could not be imported"):
+    evaluation.main(imports=["no_such_module"], outdir=str(tmp_path))

@@ -234,6 +234,68 @@ def plot(results: Sequence[Result], path: str, title: str) -> None:
   plt.close(fig)
 
 
+# ---- real tasks ---------------------------------------------------------------------------------
+def evaluate_task(model: VLM, params, tok: Tokenizer, template, task: str, data_dir: str, *,
+                  methods: Sequence[str] | None = None, budgets: Sequence[float] = DEFAULT_BUDGETS,
+                  num_examples: int = 0, batch_size: int = 8, max_new_tokens: int | None = None,
+                  log: Callable[[str], None] = print, progress: bool = True) -> tuple[list[Result], dict]:
+  """A benchmark task (`vtr_jax.tasks`, generated answers and its official metric) under the full model and every
+  method at every budget.
+
+  Returns (results, predictions by config string). `accuracy` is the task's headline metric, `per_family` its
+  other values (e.g. POPE precision / recall / F1), `agreement` the share of answers equal to the full model's,
+  `latency_ms` the warm wall time of one batch of generation, FLOPs at the mean prompt length.
+  """
+  from vtr_jax import tasks as T
+  cfg = model.config
+  methods = list(registry()) if methods is None else list(methods)
+  results: list[Result] = []
+  predictions: dict[str, list[dict]] = {}
+  full_answers = None
+  for method, budget, spec in jobs(cfg, methods, budgets, log):
+    try:
+      preds, values = T.run_task(model, params, tok, task, data_dir, reduction=spec, num_examples=num_examples,
+                                 batch_size=batch_size, template=template, max_new_tokens=max_new_tokens,
+                                 progress=progress)
+    except ReductionError as e:
+      log(f"skipping {spec}: {e}")
+      continue
+    t0 = time.perf_counter()  # the first batch again, compiled: the warm latency of one batch
+    T.run_task(model, params, tok, task, data_dir, reduction=spec, num_examples=min(batch_size, len(preds)),
+               batch_size=batch_size, template=template, max_new_tokens=max_new_tokens)
+    latency = 1e3 * (time.perf_counter() - t0)
+    answers = [p["prediction"] for p in preds]
+    full_answers = answers if full_answers is None else full_answers
+    text_tokens = int(round(np.mean([p["prompt_tokens"] for p in preds]))) - 1
+    cost, full_cost = F.prefill_cost(cfg, spec, text_tokens=text_tokens), F.prefill_cost(cfg, None,
+                                                                                         text_tokens=text_tokens)
+    score = values["score"]
+    full_score = results[0].accuracy if results else score
+    extra = {k: v for k, v in values.items() if k not in ("score", "examples")}
+    results.append(Result(method=method, budget=budget, spec=spec,
+                          budget_tokens=None if budget is None else target_tokens(method, budget, cfg),
+                          accuracy=score, per_family=extra,
+                          relative=100.0 if not results else (100 * score / full_score if full_score else float("nan")),
+                          agreement=float(np.mean([a == b for a, b in zip(answers, full_answers)])),
+                          visual_tokens=float(cost.visual_tokens[0]), layer_mean_tokens=cost.mean_visual_tokens,
+                          prefill_gflops=cost.prefill / 1e9, flops_ratio=cost.prefill / full_cost.prefill,
+                          latency_ms=latency, peak_memory_mb=0.0))
+    predictions[spec] = preds
+  return results, predictions
+
+
+def import_methods(modules: Sequence[str]) -> list[str]:
+  """Imports user modules that register methods (`eval.py --import=my_methods`); returns the new method names."""
+  import importlib
+  before = set(registry())
+  for name in modules:
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise EvalError(f"--import {name!r} could not be imported ({e}); put its directory on PYTHONPATH") from None
+  return sorted(set(registry()) - before)
+
+
 # ---- the whole job -----------------------------------------------------------------------------
 class EvalError(ValueError):
   """Settings eval.py cannot run with (named in the message)."""
@@ -282,12 +344,24 @@ def load_rows(dataset: str, split: str, num_examples: int, cfg: VLMConfig, colum
 def main(*, checkpoint: str | None = None, dataset: str = "bundled", split: str = "test", columns=None,
          num_examples: int = 490, methods=None, budgets=DEFAULT_BUDGETS, batch_size: int = 70,
          outdir: str = "outputs/eval", progress: bool = True, mesh_shape=(-1, 1, 1),
-         rules: sharding.Rules = sharding.DEFAULT_RULES) -> list[Result]:
+         rules: sharding.Rules = sharding.DEFAULT_RULES, task: str | None = None, data: str | None = None,
+         imports: Sequence[str] = (), max_new_tokens: int | None = None,
+         chat_template: str | None = None) -> list[Result]:
   """Loads, evaluates, prints the table and writes the outputs (what eval.py runs).
 
   The model runs on a (data, fsdp, tensor) mesh of `mesh_shape` over every
   device of every process; with several processes, process 0 prints and writes.
+  With `task` (a `vtr_jax.tasks` name) and `data` (its local dataset directory)
+  it evaluates that benchmark with generated answers and its official metric
+  instead (`evaluate_task`; one device), rendering prompts with the checkpoint's
+  chat template (`chat_template`: a template name or "llava-1.5" for the fallback).
+  `imports` are user modules that register more methods.
   """
+  import_methods(imports)
+  if task is not None:
+    return _main_task(checkpoint=checkpoint, task=task, data=data, methods=methods, budgets=budgets,
+                      num_examples=num_examples, batch_size=batch_size, outdir=outdir, progress=progress,
+                      max_new_tokens=max_new_tokens, chat_template=chat_template)
   from vtr_jax.convert import load  # the loaders sit below evaluation; imported here to keep this module light
   check_settings(methods=methods, budgets=budgets, num_examples=num_examples, batch_size=batch_size, outdir=outdir)
   path = checkpoint or SHIPPED
@@ -314,4 +388,36 @@ def main(*, checkpoint: str | None = None, dataset: str = "bundled", split: str 
                                     "budget": budget_note(cfg),
                                     "title": f"{cfg.name} on {dataset}/{split} ({len(rows)} examples)"})
     print("wrote " + ", ".join(paths.values()))
+  return results
+
+
+def _main_task(*, checkpoint, task, data, methods, budgets, num_examples, batch_size, outdir, progress,
+               max_new_tokens, chat_template) -> list[Result]:
+  from vtr_jax import chat, tasks
+  from vtr_jax.convert import load
+  check_settings(methods=methods, budgets=budgets, num_examples=num_examples, batch_size=batch_size, outdir=outdir)
+  if task not in tasks.known():
+    raise EvalError(f"unknown task {task!r}; known tasks: {', '.join(tasks.known())}")
+  tasks.get(task).check_supported()
+  if data is None:
+    raise EvalError(f"--task={task} needs --data=DIR, a local copy of the dataset in its Hub layout")
+  path = checkpoint or SHIPPED
+  cfg, params, tok = load(path)
+  # LLaVA-1.5's conversation format where a LLaVA-1.5 (CLIP + LLaMA) checkpoint has no template; no silent guess
+  # for other families: the error says to give --chat_template
+  llava15 = cfg.vision.kind == "clip" and cfg.text.kind == "llama"
+  fallback = None if chat_template == "none" else chat_template or ("llava-1.5" if llava15 else None)
+  template = chat.load(path, fallback=fallback)
+  print(f"model {cfg.name} from {path}; task {task} from {data}; chat template from {template.origin}")
+  results, predictions = evaluate_task(VLM(cfg), params, tok, template, task, data, methods=methods,
+                                       budgets=budgets, num_examples=num_examples, batch_size=batch_size,
+                                       max_new_tokens=max_new_tokens, progress=progress)
+  print(budget_note(cfg))
+  print(table(results))
+  paths = write(results, outdir, {"checkpoint": path, "task": task, "data": data, "examples": num_examples,
+                                  "device": str(jax.devices()[0]), "budget": budget_note(cfg),
+                                  "title": f"{cfg.name} on {task} ({len(next(iter(predictions.values())))} examples)"})
+  with open(os.path.join(outdir, "predictions.json"), "w") as f:
+    json.dump(predictions, f, indent=2)
+  print("wrote " + ", ".join(paths.values()) + ", " + os.path.join(outdir, "predictions.json"))
   return results
