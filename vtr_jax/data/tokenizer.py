@@ -32,12 +32,14 @@ class Tokenizer:
   """
 
   def __init__(self, backend: tokenizers.Tokenizer, *, image_token: str = "<image>",
-               pad_token: str | None = None, eos_token: str | None = None, bos_token: str | None = None):
+               pad_token: str | None = None, eos_token: str | None = None, bos_token: str | None = None,
+               chat_template: str | None = None):
     self.backend = backend
     self.image_token = image_token
     self.pad_token = pad_token
     self.eos_token = eos_token
     self.bos_token = bos_token
+    self.chat_template = chat_template  # tokenizer_config.json's, kept so that a saved checkpoint carries it
 
   # -- construction ---------------------------------------------------------------------------
   @classmethod
@@ -55,11 +57,14 @@ class Tokenizer:
       with open(cfg_path) as f:
         cfg = json.load(f)
       specials = {k: _token_text(cfg.get(k)) for k in ("pad_token", "eos_token", "bos_token")}
+      if isinstance(cfg.get("chat_template"), str):
+        specials["chat_template"] = cfg["chat_template"]
     return cls(backend, image_token=image_token, **specials)
 
   @classmethod
   def word_level(cls, words: Iterable[str], *, image_token: str = "<image>", pad_token: str = "<pad>",
-                 eos_token: str = "<eos>", bos_token: str = "<bos>", unk_token: str = "<unk>") -> "Tokenizer":
+                 eos_token: str = "<eos>", bos_token: str = "<bos>", unk_token: str = "<unk>",
+                 chat_template: str | None = None) -> "Tokenizer":
     """Whitespace/punctuation word vocabulary; ids: specials first, then `words` in order."""
     specials = [pad_token, bos_token, eos_token, unk_token, image_token]
     vocab = {}
@@ -70,14 +75,16 @@ class Tokenizer:
     backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     backend.decoder = tokenizers.decoders.WordPiece(prefix="##", cleanup=True)
     backend.add_special_tokens([tokenizers.AddedToken(s, special=True) for s in specials])
-    return cls(backend, image_token=image_token, pad_token=pad_token, eos_token=eos_token, bos_token=bos_token)
+    return cls(backend, image_token=image_token, pad_token=pad_token, eos_token=eos_token, bos_token=bos_token,
+               chat_template=chat_template)
 
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     self.backend.save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
       json.dump({"pad_token": self.pad_token, "eos_token": self.eos_token, "bos_token": self.bos_token,
-                 "image_token": self.image_token, "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
+                 "image_token": self.image_token, "tokenizer_class": "PreTrainedTokenizerFast",
+                 **({"chat_template": self.chat_template} if self.chat_template else {})}, f, indent=2)
 
   # -- use ------------------------------------------------------------------------------------
   @property

@@ -69,8 +69,10 @@ def vocabulary() -> list[str]:
 
 
 def tokenizer() -> Tokenizer:
-  """The benchmark's word-level tokenizer: `Tokenizer.word_level(vocabulary())`."""
-  return Tokenizer.word_level(vocabulary())
+  """The benchmark's word-level tokenizer: `Tokenizer.word_level(vocabulary())`, carrying the chat template that
+  renders `PROMPT` (`vtr_jax.chat.SHAPES_TEMPLATE`), so trained exports evaluate on real tasks as they train."""
+  from vtr_jax.chat import SHAPES_TEMPLATE
+  return Tokenizer.word_level(vocabulary(), chat_template=SHAPES_TEMPLATE)
 
 
 def format_prompt(question: str, image_token: str = "<image>") -> str:
