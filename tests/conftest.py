@@ -60,15 +60,10 @@ def _mapped_regions() -> int:
     return 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_compiled_code(request):
-  """Drop every compiled executable after each test module.
+MAX_MAPPED_REGIONS = 30000  # Linux's default vm.max_map_count is 65530
 
-  XLA:CPU maps each executable's code into memory; a few hundred tests' worth
-  of executables exceed Linux's default vm.max_map_count (65530) and the next
-  compile aborts the whole process. Clearing JAX's caches lets them be freed.
-  """
-  yield
+
+def _release(label: str) -> None:
   import gc
 
   import jax
@@ -76,5 +71,26 @@ def _release_compiled_code(request):
   jax.clear_caches()
   gc.collect()
   if os.environ.get("VTR_REPORT_MAPS"):
-    print(f"\n[maps] {request.module.__name__}: {before} -> {_mapped_regions()}", file=sys.stderr)
+    print(f"\n[maps] {label}: {before} -> {_mapped_regions()}", file=sys.stderr)
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code(request):
+  """Drop every compiled executable after each test module.
+
+  XLA:CPU maps each executable's code into memory; a few hundred tests' worth
+  of executables exceed Linux's default vm.max_map_count (65530) and the next
+  compile aborts (or segfaults) the whole process. Clearing JAX's caches lets
+  them be freed.
+  """
+  yield
+  _release(request.module.__name__)
+
+
+@pytest.fixture(autouse=True)
+def _release_within_large_modules(request):
+  """The same inside a module whose tests compile many programs (the registry-driven contract suite): after a
+  test that leaves more than MAX_MAPPED_REGIONS mapped regions."""
+  yield
+  if _mapped_regions() > MAX_MAPPED_REGIONS:
+    _release(request.node.nodeid)

@@ -252,7 +252,7 @@ def test_tokenpacker_in_the_vlm():
   _, aux = jax.jit(lambda p, x: model.apply(p, x, method=VLM.encode_image))(params, pixels)
   np.testing.assert_array_equal(np.asarray(aux["reduce/positions"]), [[0, 2, 8, 10]] * 2)  # top-left patches
   assert _visual_count(model, params, pixels) == [4, 4]
-  with pytest.raises(ValueError, match=r"tokenpacker needs the full 4x4 patch grid \(16 tokens\), got 8"):
+  with pytest.raises(ValueError, match=r"random left 8 of the 16 patches before the tokenpacker projector"):
     _prefill(model, params, pixels, toks, valid, "random:keep=8")
 
 

@@ -29,8 +29,8 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 
-import vtr_jax
 from vtr_jax import chat, tasks
+from vtr_jax.convert import load
 from vtr_jax.models.vlm import VLM
 from vtr_jax.reduce import parse
 
@@ -60,7 +60,7 @@ class VtrJax(lmms):
     pretrained = _unquote(pretrained)
     self.reduction = _unquote(reduction)
     parse(self.reduction)  # an unknown method or bad setting fails here, before any data is read
-    self.config, params, self.tokenizer = vtr_jax.load(pretrained, dtype=dtype)
+    self.config, params, self.tokenizer = load(pretrained, dtype=dtype)
     self.model = VLM(self.config)
     self.params = jax.device_put(params)
     fallback = None if _unquote(fallback).lower() in ("", "none") else _unquote(fallback)

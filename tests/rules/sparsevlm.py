@@ -21,7 +21,7 @@ ERRORS = [("sparsevlm:layers=0/1,keep=3", "needs one budget per layer"),
           ("sparsevlm:layers=1/0,keep=3/2", "strictly increasing"),
           ("sparsevlm:layers=0/1,keep=3/2,mask=true", "mask=true needs recycle=false"),
           ("sparsevlm:layers=0/1/2,target=100", r"target=100 must be one of \[64, 128, 192\]"),
-          ("sparsevlm:keep=3/2/1,target=64", "give keep= or target=, not both")]
+          ("sparsevlm:layers=0/1/2,keep=3/2/1,target=64", "give keep= or target=, not both")]
 
 
 def np_raters(x, visual, text):

@@ -36,13 +36,16 @@ def load(path: str, *, dtype: str | None = None, param_dtype: str | None = None,
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
     raise CheckpointError(f"checkpoint directory {path!r} does not exist")
-  tok = Tokenizer.from_directory(path) if tokenizer or os.path.exists(os.path.join(path, "tokenizer.json")) else None
+  has_tokenizer = os.path.exists(os.path.join(path, "tokenizer.json"))
+  tok = Tokenizer.from_directory(path) if has_tokenizer else None
   if is_native(path):
     cfg, params = load_native(path, dtype=dtype, param_dtype=param_dtype)
   else:
     ids = {"pad": tok.pad_token_id, "eos": tok.eos_token_id} if tok is not None else None
     cfg = load_config(path, tokenizer_ids=ids, dtype=dtype, param_dtype=param_dtype)
     params = load_params(path, cfg)
+  if tokenizer and tok is None:
+    tok = Tokenizer.from_directory(path)  # raises, naming the missing file
   return cfg, params, tok if tokenizer else None
 
 
