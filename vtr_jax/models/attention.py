@@ -16,7 +16,8 @@ Implementations (`IMPLEMENTATIONS`):
              head dim a multiple of 8 up to 128): flash attention in cuDNN. cuDNN
              takes a mask only as a bias of full length, so key validity and the
              per-key bias are broadcast to [B, 1, T, S] there (the one path
-             besides `reference` that builds a T x S mask).
+             besides `reference` that builds a T x S mask), and with one it
+             needs even lengths (its training kernels do); `auto` checks.
   pallas     JAX's own Pallas TPU splash attention (`jax.experimental.pallas.ops.
              tpu.splash_attention`, not rewritten here): causal or full masks
              computed per block, key validity as segment ids, grouped heads
@@ -163,7 +164,7 @@ def choose(implementation: str, q: Array, k: Array, mask: Mask, *, interpret: bo
     if backend == "tpu":
       return "pallas" if _splash_unsupported(mask) is None else "xla"
     if backend == "gpu":
-      if _cudnn_unsupported(q, mask) is None:
+      if _cudnn_unsupported(q, k, mask) is None:
         return "cudnn"
       return "chunked" if long else "xla"
     return "chunked" if long else "reference"
@@ -173,7 +174,7 @@ def choose(implementation: str, q: Array, k: Array, mask: Mask, *, interpret: bo
     if why:
       raise AttentionError(f"attention implementation 'pallas' cannot run: {why}")
   if implementation == "cudnn":
-    why = _cudnn_unsupported(q, mask) or (None if backend == "gpu" else f"it needs a GPU (backend {backend!r})")
+    why = _cudnn_unsupported(q, k, mask) or (None if backend == "gpu" else f"it needs a GPU (backend {backend!r})")
     if why:
       raise AttentionError(f"attention implementation 'cudnn' cannot run: {why}")
   return implementation
@@ -195,11 +196,15 @@ def reference(q: Array, k: Array, v: Array, mask: Mask) -> Array:
 
 
 # ---- jax.nn.dot_product_attention (XLA, cuDNN) ---------------------------------------------------
-def _cudnn_unsupported(q: Array, mask: Mask) -> str | None:
+def _cudnn_unsupported(q: Array, k: Array, mask: Mask) -> str | None:
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     return f"cuDNN flash attention takes bfloat16/float16, got {q.dtype}"
   if q.shape[-1] % 8 or q.shape[-1] > 128:
     return f"cuDNN needs a head dim that is a multiple of 8 up to 128, got {q.shape[-1]}"
+  if (mask.key_valid is not None or mask.key_bias is not None or mask.offset is not None) and (
+      q.shape[1] % 2 or k.shape[1] % 2):
+    return (f"cuDNN takes a mask or bias (a bias to it) only for even lengths when training; got T={q.shape[1]}, "
+            f"S={k.shape[1]}")
   return None
 
 

@@ -245,8 +245,8 @@ class DecoderLayer(nn.Module):
 
   def __call__(self, x: Array, positions: Array, mask: attn.Mask | None, cache: LayerCache | None = None):
     """Returns (x float[B, T, D], k, v float[B, T, K, H], cache)."""
-    attn, k, v, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache)
-    x = x + attn
+    attended, k, v, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache)
+    x = x + attended
     x = x + self.mlp(self.post_attention_layernorm(x))
     x = c.constrain(x, (c.ACT_BATCH, c.ACT_LENGTH, c.ACT_EMBED))
     return x, k, v, cache
