@@ -162,9 +162,9 @@ def check_attention(backend: str, t: int) -> list[dict]:
         g_want = jax.jit(jax.grad(functools.partial(loss, attn.reference), (0, 1, 2)))(qc, k, v)
       err = _max_err(got, want, ok)
       grad_err = max(_max_err(a, r) / max(float(np.max(np.abs(np.asarray(r)))), 1.0) for a, r in zip(g_got, g_want))
+      finite = bool(np.all(np.isfinite(np.asarray(got, np.float32))))
       rows.append({"check": f"attention/{impl}/{case}", "max_abs_err": err, "grad_max_rel_err": grad_err,
-                   "tolerance": tol, "finite": bool(np.all(np.isfinite(np.asarray(got, np.float32)))),
-                   "ok": err <= tol and grad_err <= 10 * tol and bool(np.all(np.isfinite(np.asarray(got, np.float32))))})
+                   "tolerance": tol, "finite": finite, "ok": err <= tol and grad_err <= 10 * tol and finite})
   return rows
 
 
