@@ -27,7 +27,8 @@ estimate. Programs:
   video      the decoder's prefill of a 32-frame clip (--frames x 196 visual tokens, LLaVA's pooled
              frame, plus --text tokens: 6272 + 64 by default) in --dtype with --dtype parameters
              (inference), last-slot logits, under each --attention implementation (`reference`
-             materialises [B, heads, T, T] float32 logits per layer, `chunked` one tile)
+             materialises [B, heads, T, T] float32 logits per layer, `chunked` one tile), with the
+             decoder's layers scanned and/or looped (--scan=on,off: the scan stacks the weights)
 
 Prints a table of per-device bytes (arguments, outputs, temporaries, aliased
 buffers; needed = arguments + outputs + temporaries - aliased) and writes it
@@ -68,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--remat", default="none", help="train under each of these decoder remat policies")
   p.add_argument("--frames", type=int, default=32, help="video: frames of 196 visual tokens each")
   p.add_argument("--attention", default="reference,chunked", help="video: attention implementations")
+  p.add_argument("--scan", default="on", help="video: decoder layers scanned (on) or looped (off), or both")
   p.add_argument("--suffix", default="", help="appended to the result files' names")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
   return p.parse_args(argv)
@@ -128,7 +130,8 @@ def measure(args) -> list[dict]:
   plans = ["none"] + [registry()[m].for_budget(args.budget, cfg).spec() for m in args.methods.split(",") if m]
   variants = {"train": [("none", f"remat={r}") for r in args.remat.split(",")],
               "prefill": [(plan, "") for plan in plans],
-              "video": [("none", f"attention={a}") for a in args.attention.split(",")]}
+              "video": [("none", f"attention={a},scan={sc}") for a in args.attention.split(",")
+                        for sc in args.scan.split(",")]}
   unknown = set(args.programs.split(",")) - set(variants)
   if unknown:
     raise ValueError(f"unknown programs {sorted(unknown)}; known: {', '.join(variants)}")
@@ -148,7 +151,7 @@ def measure(args) -> list[dict]:
     report = sharding.replication_report(params_abs, param_sh)
     for program, reduction, variant in jobs:
       t0 = time.perf_counter()
-      setting = variant.partition("=")[2]
+      setting = variant.partition("=")[2]  # `remat=full` -> full; video: `attention=chunked,scan=on`
       if program == "train":
         remat = VLM(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, remat=setting)))
         state, state_sh = training.state_shardings(remat, config, 0.0, mesh, rules)
@@ -160,7 +163,8 @@ def measure(args) -> list[dict]:
         compiled = fn.lower(abstract(params_abs, param_sh),
                             *abstract(list(prompt.values()), [split] * len(prompt))).compile()
       else:  # video: the decoder alone over a clip-length sequence, parameters in the compute dtype
-        fn = video_prefill(cfg, setting, args.dtype, mesh, rules)
+        options = dict(kv.split("=") for kv in variant.split(","))
+        fn = video_prefill(cfg, options["attention"], options["scan"] == "on", args.dtype, mesh, rules)
         infer_params = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(args.dtype))
                                               if jnp.issubdtype(a.dtype, jnp.floating) else a, params_abs)
         compiled = fn.lower(abstract(infer_params, param_sh),
@@ -177,15 +181,15 @@ def measure(args) -> list[dict]:
 VIDEO_FRAME_TOKENS = 196  # one frame of a LLaVA-style video: the 24 x 24 grid pooled to 14 x 14
 
 
-def video_prefill(cfg, attention: str, dtype: str, mesh, rules):
+def video_prefill(cfg, attention: str, scan: bool, dtype: str, mesh, rules):
   """jit(params, batch) -> last-slot logits of the decoder over batch's embeddings (x, positions, valid, visual)."""
   import jax
 
   from vtr_jax import placement, sharding
   from vtr_jax.models.vlm import VLM
   from vtr_jax.seams import LLMState
-  model = VLM(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, attention=attention, dtype=dtype,
-                                                                param_dtype=dtype)))
+  model = VLM(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, attention=attention, scan_layers=scan,
+                                                                dtype=dtype, param_dtype=dtype)))
 
   def run(params, batch):
     with sharding.activate(mesh, rules):
@@ -196,7 +200,7 @@ def video_prefill(cfg, attention: str, dtype: str, mesh, rules):
                  out_shardings=sharding.replicated(mesh))  # the batch keeps the shardings it comes with
 
 
-HEADER = (f"{'mesh (d,f,t)':<14}{'program':<9}{'reduction / variant':<26}{'args GiB':>9}{'out GiB':>9}{'temp GiB':>9}"
+HEADER = (f"{'mesh (d,f,t)':<14}{'program':<9}{'reduction / variant':<31}{'args GiB':>9}{'out GiB':>9}{'temp GiB':>9}"
           f"{'alias GiB':>10}{'needed GiB':>11}{'params/dev':>11}{'replicated':>11}{'compile s':>10}")
 
 
@@ -204,7 +208,7 @@ def format_row(r: dict) -> str:
   mesh = ",".join(str(v) for v in r["mesh"].values())
   g = lambda k: f"{r[k] / GIB:.3f}"  # noqa: E731
   label = r.get("variant") or r["reduction"]
-  return (f"{mesh:<14}{r['program']:<9}{label[:25]:<26}{g('arguments'):>9}{g('outputs'):>9}"
+  return (f"{mesh:<14}{r['program']:<9}{label[:30]:<31}{g('arguments'):>9}{g('outputs'):>9}"
           f"{g('temporaries'):>9}{g('aliased'):>10}{g('needed'):>11}{g('param_bytes_per_device'):>11}"
           f"{g('param_bytes_replicated'):>11}{r['compile_seconds']:>10}")
 
