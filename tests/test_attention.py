@@ -250,3 +250,21 @@ def test_models_equal_the_reference(vlm_run, impl, reduction):
   np.testing.assert_allclose(got[rows], ref[rows], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got_gen.logits, ref_gen.logits, rtol=1e-5, atol=1e-5)  # decode steps
   np.testing.assert_array_equal(got_gen.tokens, ref_gen.tokens)
+
+
+def test_pallas_lowers_to_mosaic_tpu(monkeypatch):
+  """Splash attention's forward and backward lower for TPU (jax.export, no TPU needed) at LLaVA's prefill
+  shape with grouped heads (640 tokens: five 128-blocks, the block that pads least). Mosaic's own compile
+  needs a TPU."""
+  from jax import export
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  sd = jax.ShapeDtypeStruct
+  args = (sd((2, 640, 32, 128), jnp.bfloat16), sd((2, 640, 8, 128), jnp.bfloat16),
+          sd((2, 640, 8, 128), jnp.bfloat16), sd((2, 640), bool))
+
+  def out(q, k, v, valid):
+    return attn.attend(q, k, v, attn.Mask.causal_prefill(valid), implementation="pallas")
+
+  grad = jax.grad(lambda *a: jnp.sum(out(*a).astype(jnp.float32)), (0, 1, 2))
+  assert export.export(jax.jit(out), platforms=["tpu"])(*args).mlir_module().count("tpu_custom_call") == 1
+  assert export.export(jax.jit(grad), platforms=["tpu"])(*args).mlir_module().count("tpu_custom_call") == 3

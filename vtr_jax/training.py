@@ -230,13 +230,13 @@ def train_step(state: TrainState, batch, *, model: VLM, optim: tuple, plan, quer
   updates, opt_state = tx.update(grads, state.opt_state, trainable)
   new = optax.apply_updates(trainable, updates)
   metrics["grad_norm"] = optax.global_norm(grads)
-  metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
   return TrainState(state.step + 1, new["model"], new["heads"], opt_state), metrics
 
 
 @jax.jit
-def _note_first_bad(first_bad: Array, finite: Array, step) -> Array:
+def _note_first_bad(first_bad: Array, loss: Array, grad_norm: Array, step) -> Array:
   """int32[]: the first step whose loss or gradient norm was not finite (0 while none was)."""
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   return jnp.where((first_bad == 0) & ~finite, jnp.asarray(step, jnp.int32), first_bad)
 
 
@@ -424,7 +424,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
       batch = sharding.global_batch(step_inputs(rows, tok, cfg, aux_weight), split, batch_size)
       state, step_metrics = step_fns[spec_at(schedule, step)](state, batch)
       done = step + 1
-      first_bad = _note_first_bad(first_bad, step_metrics["finite"], done)
+      first_bad = _note_first_bad(first_bad, step_metrics["loss"], step_metrics["grad_norm"], done)
       log = done % config.train.log_every == 0 or done == end
       if log or mgr.should_save(done):  # the only reads from the device
         bad = int(jax.device_get(first_bad))

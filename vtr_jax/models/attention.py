@@ -55,7 +55,7 @@ IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn", "pallas", "chunked")
 CHUNKED_FROM = 2048 * 2048
 BLOCK_Q = 512  # `chunked` query block
 BLOCK_KV = 512  # `chunked` key block
-SPLASH_BLOCK = 512  # `pallas` (splash) block, lowered to 128 for short sequences
+SPLASH_BLOCKS = (512, 256, 128)  # `pallas` (splash) blocks: the one that pads T and S least, larger on ties
 
 
 class AttentionError(ValueError):
@@ -245,7 +245,8 @@ def _splash(q: Array, k: Array, v: Array, mask: Mask, interpret: bool) -> Array:
 
   b, t, n, h = q.shape
   s = k.shape[1]
-  block = SPLASH_BLOCK if min(t, s) >= SPLASH_BLOCK else 128
+  padded = lambda blk: -(-t // blk) * blk + -(-s // blk) * blk  # noqa: E731
+  block = min(SPLASH_BLOCKS, key=padded)  # min keeps the first (largest) of equals
   tp, sp = -(-t // block) * block, -(-s // block) * block
   key_seg = jnp.ones((b, s), jnp.int32) if mask.key_valid is None else mask.key_valid.astype(jnp.int32)
   query_seg = key_seg if t == s else jnp.ones((b, t), jnp.int32)
