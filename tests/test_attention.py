@@ -240,7 +240,8 @@ def vlm_run():
 
 
 @pytest.mark.parametrize("impl,reduction", [("chunked", None), ("chunked", "fastv:layer=1,keep=5"),
-                                            ("chunked", "tome:keep=8"), ("xla", "tome:keep=8")])
+                                            ("chunked", "tome:keep=8"),
+                                            pytest.param("xla", "tome:keep=8", marks=pytest.mark.slow)])
 def test_models_equal_the_reference(vlm_run, impl, reduction):
   """Prefill (padding; FastV's pruned caches; ToMe's proportional-attention bias in the tower) and
   greedy decoding give the reference's logits and tokens."""

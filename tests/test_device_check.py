@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # about 50 s of CPU: every section compiles its own programs
 def test_tiny_device_check_runs_every_section(tmp_path):
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "device_check.py"), "--tiny",
                          f"--out={tmp_path}"], capture_output=True, text=True, timeout=600)
