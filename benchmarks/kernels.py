@@ -14,15 +14,16 @@ Cases (B = 1):
                   at video scale) vs k masked max-extraction passes over the same block,
                   the only exact top-k a Mosaic TPU kernel can express (no sort lowering)
 
-On TPU both paths are compiled and timed, and the script also measures the
-device's copy bandwidth (a jitted read + write of a 1 GiB array) and reports
-each kernel's achieved bandwidth (compulsory bytes: inputs read once, outputs
+On TPU (the Mosaic kernels) and GPU (their GPU forms, `kernels/*_gpu.py`)
+both paths are compiled and timed, and the script also measures the device's
+copy bandwidth (a jitted read + write of a 1 GiB array) and reports each
+kernel's achieved bandwidth (compulsory bytes: inputs read once, outputs
 written once, over the measured time) and FLOP rate next to it. On CPU the
 kernel can only run in interpret mode, which is not a meaningful timing: only
 the reference is timed, and both paths' compiled temporary memory is reported
 (the kernel's from its interpret-mode program, whose temporaries are block
-buffers and O(N + M) vectors, as on TPU). On GPU the ops dispatch to the
-reference (see kernels/ops.py), so only the reference is timed.
+buffers and O(N + M) vectors, as on TPU). `benchmarks/device_check.py` runs
+these cases on a GPU as part of its check.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vtr_jax.kernels import similarity
-from vtr_jax.kernels.attention_mass import attention_mass as attention_mass_kernel
+from vtr_jax.kernels import ops, similarity
 from vtr_jax.kernels.attention_mass import attention_mass_reference
 
 SCALES = {"llava": 576, "video": 16384}
+KERNEL_IMPL = {"tpu": "pallas", "gpu": "pallas_gpu"}  # backends with a compiled kernel form
 FEATURES = 1024
 HEADS, KV_HEADS, HEAD_DIM, ROWS = 32, 8, 128, 64
 PROBE_ROWS = 576
@@ -77,11 +78,11 @@ def temp_bytes(fn, args) -> int:
   return int(fn.lower(*args).compile().memory_analysis().temp_size_in_bytes)
 
 
-def copy_bandwidth_gbps(reps: int) -> float:
-  """Device copy bandwidth: bytes read + written by a jitted elementwise pass over 1 GiB, per second."""
-  a = jnp.ones((COPY_BYTES // 4,), jnp.float32)
+def copy_bandwidth_gbps(reps: int, nbytes: int = COPY_BYTES) -> float:
+  """Device copy bandwidth: bytes read + written by a jitted elementwise pass over nbytes (1 GiB), per second."""
+  a = jnp.ones((nbytes // 4,), jnp.float32)
   ms = time_ms(jax.jit(lambda a: a * 2.0), (a,), reps)
-  return 2 * COPY_BYTES / (ms * 1e-3) / 1e9
+  return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
 def similarity_case(tokens, dtype, key):
@@ -93,8 +94,8 @@ def similarity_case(tokens, dtype, key):
       shape=f"x [1, {tokens}, {FEATURES}], y [1, {tokens}, {FEATURES}], {jnp.dtype(dtype).name}",
       args=(x, y),
       reference=jax.jit(functools.partial(similarity.max_similarity_reference, metric="cosine")),
-      kernel=lambda interpret: jax.jit(functools.partial(similarity.max_similarity, metric="cosine",
-                                                         interpret=interpret)),
+      kernel=lambda impl, interpret: jax.jit(functools.partial(ops.max_similarity, metric="cosine", impl=impl,
+                                                               interpret=interpret)),
       flops=2 * tokens * tokens * FEATURES,
       bytes=2 * tokens * FEATURES * item + tokens * 8)
 
@@ -109,7 +110,8 @@ def attention_case(tokens, rows, dtype, key):
       shape=f"q [1, {HEADS}, {rows}, {HEAD_DIM}], k [1, {KV_HEADS}, {tokens}, {HEAD_DIM}], {jnp.dtype(dtype).name}",
       args=(q, k, q_slots),
       reference=jax.jit(lambda q, k, s: attention_mass_reference(q, k, q_slots=s)),
-      kernel=lambda interpret: jax.jit(lambda q, k, s: attention_mass_kernel(q, k, q_slots=s, interpret=interpret)),
+      kernel=lambda impl, interpret: jax.jit(lambda q, k, s: ops.attention_mass(q, k, q_slots=s, impl=impl,
+                                                                                interpret=interpret)),
       flops=2 * 2 * HEADS * rows * tokens * HEAD_DIM,  # two passes over the logits
       bytes=(HEADS * rows + KV_HEADS * tokens) * HEAD_DIM * item + tokens * 4)
 
@@ -143,11 +145,12 @@ def run_case(name, scale, case, backend, reps, copy_gbps):
   row = dict(op=name, scale=scale, shape=case["shape"], reference_ms=time_ms(case["reference"], args, reps),
              kernel_ms=None)
   row["reference_temp_bytes"] = temp_bytes(case["reference"], args)
-  compiled_kernel = case["kernel"](False if backend == "tpu" else True)
+  impl = KERNEL_IMPL.get(backend, "pallas")
+  compiled_kernel = case["kernel"](impl, backend not in KERNEL_IMPL)
   row["kernel_temp_bytes"] = temp_bytes(compiled_kernel, args)
-  row["kernel_memory_from"] = ("compiled Mosaic TPU" if backend == "tpu"
-                              else f"interpret-mode program compiled for {backend.upper()}")
-  if backend == "tpu":
+  row["kernel_memory_from"] = ({"tpu": "compiled Mosaic TPU", "gpu": "compiled GPU form (Triton)"}.get(backend)
+                               or f"interpret-mode program compiled for {backend.upper()}")
+  if backend in KERNEL_IMPL:
     row["kernel_ms"] = time_ms(compiled_kernel, args, reps)
     row["kernel_tflops"] = case["flops"] / (row["kernel_ms"] * 1e-3) / 1e12
     row["kernel_achieved_gbps"] = case["bytes"] / (row["kernel_ms"] * 1e-3) / 1e9
@@ -205,15 +208,13 @@ def main(argv=None):
   if backend == "cpu":
     notes.append("no accelerator (GPU/TPU) was available: only the reference is timed; kernel timings, copy "
                  "bandwidth and achieved bandwidth are not measured")
-  elif backend != "tpu":
-    notes.append(f"{backend}: the ops dispatch to the reference here, so only the reference is timed")
-  if backend != "tpu":
+  if backend not in KERNEL_IMPL:
     notes.append("kernel temp = its interpret-mode program compiled for this backend; interpret mode pads each input "
                  "to a multiple of its block, so at small N it can exceed the reference; what carries over to TPU is "
                  "the growth with N (linear, vs the reference's quadratic [N, M] / [H, R, S])")
   report = dict(device=device_name(), backend=backend, jax_version=jax.__version__, dtype=dtype.name, reps=args.reps,
                 command="python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
-                notes=notes, copy_bandwidth_gbps=copy_bandwidth_gbps(args.reps) if backend == "tpu" else None,
+                notes=notes, copy_bandwidth_gbps=copy_bandwidth_gbps(args.reps) if backend in KERNEL_IMPL else None,
                 cases=[], topk_probe=[])
   for scale in args.scales.split(","):
     tokens = SCALES[scale]

@@ -55,7 +55,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       text=dict(kind="llama", hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                 num_kv_heads=2, max_positions=512),
       projector="mlp2x_gelu",
+      # compute / parameter dtypes of the whole model: "bfloat16" compute keeps float32 master weights
+      dtype="float32", param_dtype="float32",
   ))
+  # decoder layers: `lax.scan` between the plan's boundaries and their rematerialisation in training
+  # (none | full | dots | dots_no_batch; vtr_jax.models.decoder.REMAT_POLICIES); attention by name (auto picks)
+  c.model.text.update(scan_layers=True, remat="none", attention="auto")
   c.data = ml_collections.ConfigDict(dict(workers=1, train_examples=0, val_examples=350))
   c.optim = ml_collections.ConfigDict(dict(lr=1e-3, warmup=300, b1=0.9, b2=0.98, weight_decay=0.05, clip=1.0,
                                            final_lr_fraction=0.05))

@@ -3,6 +3,8 @@
 Public ops (dispatching kernel vs reference, see `ops.py`): `max_similarity`,
 `topk_similarity`, `attention_mass`. Kernel modules: `similarity.py` (fused
 similarity max/min + arg), `attention_mass.py` (flash-style attention mass),
+their GPU forms `similarity_gpu.py` and `attention_mass_gpu.py` (Pallas'
+Triton lowering: one program per block, looping inside the kernel),
 `topk.py` (reference only, with the measurement that kept it so),
 `common.py` (shared block checks and tile helpers).
 

@@ -152,6 +152,16 @@ def attention_mass(q: jax.Array, k: jax.Array, *, key_valid: jax.Array | None = 
   Returns:
     float32[B, S]; differentiable in q and k (the reference's gradient).
   """
+  call = functools.partial(_mass_call, block_sizes=block_sizes, interpret=interpret)
+  return run_kernel(call, q, k, key_valid, row_valid, q_slots, scale)
+
+
+def run_kernel(call, q, k, key_valid, row_valid, q_slots, scale):
+  """What every kernel form shares: checks, the per-row limits, dtype promotion and the custom_vjp.
+
+  `call(q, k, limit, key_valid, scale) -> float32[B, S]` is the form's kernel
+  (`_mass_call` here, `attention_mass_gpu` on GPU).
+  """
   check_shapes(q, k, key_valid, row_valid, q_slots)
   b, _, r, h = q.shape
   s = k.shape[2]
@@ -163,21 +173,21 @@ def attention_mass(q: jax.Array, k: jax.Array, *, key_valid: jax.Array | None = 
   if row_valid is not None:
     limit = jnp.where(row_valid, limit, -1)
   dtype = jnp.promote_types(q.dtype, k.dtype)
-  return _mass(q.astype(dtype), k.astype(dtype), limit, key_valid, scale, block_sizes, interpret)
+  return _mass(q.astype(dtype), k.astype(dtype), limit, key_valid, scale, call)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _mass(q, k, limit, key_valid, scale, block_sizes, interpret):
-  return _mass_call(q, k, limit, key_valid, scale, block_sizes, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _mass(q, k, limit, key_valid, scale, call):
+  return call(q, k, limit, key_valid, scale)
 
 
-def _mass_fwd(q, k, limit, key_valid, scale, block_sizes, interpret):
-  return _mass_call(q, k, limit, key_valid, scale, block_sizes, interpret), (q, k, limit, key_valid)
+def _mass_fwd(q, k, limit, key_valid, scale, call):
+  return call(q, k, limit, key_valid, scale), (q, k, limit, key_valid)
 
 
-def _mass_bwd(scale, block_sizes, interpret, res, g):
+def _mass_bwd(scale, call, res, g):
   """The reference's gradient (limit is exactly a q_slots that also encodes the row mask)."""
-  del block_sizes, interpret
+  del call
   q, k, limit, key_valid = res
   _, pull = jax.vjp(lambda q, k: attention_mass_reference(q, k, key_valid=key_valid, q_slots=limit, scale=scale),
                     q, k)
@@ -188,7 +198,7 @@ def _mass_bwd(scale, block_sizes, interpret, res, g):
 _mass.defvjp(_mass_fwd, _mass_bwd)
 
 
-def _mass_call(q, k, limit, key_valid, scale, block_sizes, interpret):
+def _mass_call(q, k, limit, key_valid, scale, *, block_sizes, interpret):
   b, n, r, h = q.shape
   kh, s = k.shape[1], k.shape[2]
   rows = (n // kh) * r

@@ -6,7 +6,9 @@ compiled on TPU, and on any backend with `interpret=True` (the generic
 interpreter) or `interpret=pltpu.InterpretParams(...)` (TPU interpret mode,
 which simulates TPU memory and randomises the order of "parallel" grid axes).
 GPU backends run every grid program concurrently, so this accumulation
-pattern is not valid there; `ops.py` keeps the jnp reference on GPU.
+pattern is not valid there: each kernel has a GPU form (`*_gpu.py`, Pallas'
+Triton lowering) in which one program owns a block of rows and loops over
+the other axis with `lax.fori_loop` inside the kernel; `ops.py` runs it on GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +25,20 @@ def check_block(name: str, value: int, multiple: int) -> None:
   """Raise ValueError unless value is a positive int divisible by multiple."""
   if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % multiple:
     raise ValueError(f"{name}={value!r} must be a positive multiple of {multiple}")
+
+
+def check_power_of_two(name: str, value: int, minimum: int) -> None:
+  """Raise ValueError unless value is a power of two >= minimum (Triton tiles)."""
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum or value & (value - 1):
+    raise ValueError(f"{name}={value!r} must be a power of two >= {minimum}")
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def next_power_of_two(n: int, minimum: int = 1) -> int:
+  return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
 def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:

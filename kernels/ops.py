@@ -1,13 +1,16 @@
 """Public entry points of vtr_jax.kernels: each dispatches to a Pallas kernel or its jnp reference.
 
-`impl=None` picks automatically: the Pallas kernel on TPU, the reference on
-CPU (XLA is faster there) and on GPU (the kernels accumulate across a
-sequential grid axis, a Mosaic TPU pattern that GPU lowerings do not run; see
-`kernels/common.py`). `impl="reference"` or `impl="pallas"` force a path;
-`impl="pallas"` with `interpret=True` (or a `pltpu.InterpretParams`) runs the
-kernel on any backend, slowly. `block_sizes` only affects the kernel. Shapes
-and options are validated before dispatch, so both paths raise the same
-ValueErrors. `topk_similarity` has no kernel (see `kernels/topk.py` for why).
+`impl=None` picks automatically: the Mosaic TPU kernel on TPU (`pallas`), its
+GPU form on GPU (`pallas_gpu`: one program per block looping inside the
+kernel, Pallas' Triton lowering; the TPU kernels accumulate across a
+sequential grid axis, which GPU grids do not run in order, see
+`kernels/common.py`), and the reference on CPU (XLA is faster there).
+`impl="reference"`, `"pallas"` or `"pallas_gpu"` force a path; a kernel with
+`interpret=True` (or, for `pallas`, a `pltpu.InterpretParams`) runs on any
+backend, slowly. `block_sizes` (the chosen form's `BlockSizes`) only affects
+the kernel. Shapes and options are validated before dispatch, so every path
+raises the same ValueErrors. `topk_similarity` has no kernel (see
+`kernels/topk.py` for why).
 
 Under a device mesh (`jax.set_mesh` with `vtr_jax.sharding` rules) each op
 runs inside `jax.shard_map`: every device scores its own samples (and, for
@@ -23,7 +26,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from vtr_jax import sharding
-from vtr_jax.kernels import similarity
+from vtr_jax.kernels import attention_mass_gpu, similarity, similarity_gpu
 from vtr_jax.kernels.attention_mass import BlockSizes as MassBlockSizes
 from vtr_jax.kernels.attention_mass import attention_mass as attention_mass_kernel
 from vtr_jax.kernels.attention_mass import attention_mass_reference
@@ -31,35 +34,50 @@ from vtr_jax.kernels.attention_mass import check_shapes as check_mass_shapes
 from vtr_jax.kernels.topk import topk_similarity_reference
 from vtr_jax import axes
 
-IMPLS = ("reference", "pallas")
+IMPLS = ("reference", "pallas", "pallas_gpu")
+KERNEL_BACKEND = {"pallas": "tpu", "pallas_gpu": "gpu"}
 
 
 def choose(impl: str | None, *, has_kernel: bool, interpret) -> str:
-  """The path an op takes: `"pallas"` or `"reference"` (see the module docstring)."""
+  """The path an op takes: `"pallas"`, `"pallas_gpu"` or `"reference"` (see the module docstring)."""
   backend = jax.default_backend()
   if impl is None:
-    return "pallas" if has_kernel and backend == "tpu" else "reference"
+    auto = {"tpu": "pallas", "gpu": "pallas_gpu"}.get(backend, "reference")
+    return auto if has_kernel else "reference"
   if impl not in IMPLS:
     raise ValueError(f"unknown kernel impl {impl!r}; known: {', '.join(IMPLS)}")
-  if impl == "pallas":
+  if impl in KERNEL_BACKEND:
     if not has_kernel:
       raise ValueError("no Pallas kernel exists for this op; use impl='reference'")
-    if not interpret and backend != "tpu":
-      raise ValueError(f"the Pallas kernels compile for TPU only, this backend is {backend!r}; "
-                       "pass interpret=True or use impl='reference'")
+    if not interpret and backend != KERNEL_BACKEND[impl]:
+      raise ValueError(f"impl={impl!r} compiles for {KERNEL_BACKEND[impl].upper()} only, this backend is "
+                       f"{backend!r}; pass interpret=True or use impl='reference'")
   return impl
 
 
+def _blocks(impl: str, block_sizes, kinds: dict):
+  """The BlockSizes the chosen kernel form takes (its defaults for None); ValueError for another form's."""
+  kind = kinds[impl]
+  if block_sizes is None:
+    return kind()
+  if not isinstance(block_sizes, kind):
+    raise ValueError(f"impl={impl!r} takes {kind.__module__}.{kind.__qualname__}, got {type(block_sizes).__name__} "
+                     f"from {type(block_sizes).__module__}")
+  return block_sizes
+
+
 def max_similarity(x, y, *, metric: str = "cosine", mode: str = "max", x_valid=None, y_valid=None,
-                   impl: str | None = None, interpret=False, block_sizes: similarity.BlockSizes | None = None):
+                   impl: str | None = None, interpret=False, block_sizes=None):
   """See `kernels/similarity.py`: (values float32[B, N], index int32[B, N])."""
   similarity.check_options(metric, mode)
   similarity.check_shapes(x, y, x_valid, y_valid)
-  if choose(impl, has_kernel=True, interpret=interpret) == "reference":
+  path = choose(impl, has_kernel=True, interpret=interpret)
+  if path == "reference":
     fn = functools.partial(similarity.max_similarity_reference, metric=metric, mode=mode)
   else:
-    fn = functools.partial(similarity.max_similarity, metric=metric, mode=mode,
-                           block_sizes=block_sizes or similarity.BlockSizes(), interpret=interpret)
+    kernel = {"pallas": similarity.max_similarity, "pallas_gpu": similarity_gpu.max_similarity}[path]
+    blocks = _blocks(path, block_sizes, {"pallas": similarity.BlockSizes, "pallas_gpu": similarity_gpu.BlockSizes})
+    fn = functools.partial(kernel, metric=metric, mode=mode, block_sizes=blocks, interpret=interpret)
   return sharding.per_sample(fn)(x, y, x_valid=x_valid, y_valid=y_valid)
 
 
@@ -71,14 +89,16 @@ def topk_similarity(x, y, k: int, *, metric: str = "cosine", y_valid=None, impl:
 
 
 def attention_mass(q, k, *, key_valid=None, row_valid=None, q_slots=None, scale=None, impl: str | None = None,
-                   interpret=False, block_sizes: MassBlockSizes | None = None):
-  """See `kernels/attention_mass.py`: float32[B, S]. On the kernel path `scale` must be a Python float."""
+                   interpret=False, block_sizes=None):
+  """See `kernels/attention_mass.py`: float32[B, S]. On the kernel paths `scale` must be a Python float."""
   check_mass_shapes(q, k, key_valid, row_valid, q_slots)
-  if choose(impl, has_kernel=True, interpret=interpret) == "reference":
+  path = choose(impl, has_kernel=True, interpret=interpret)
+  if path == "reference":
     fn = functools.partial(attention_mass_reference, scale=scale)
   else:
-    fn = functools.partial(attention_mass_kernel, scale=scale, block_sizes=block_sizes or MassBlockSizes(),
-                           interpret=interpret)
+    kernel = {"pallas": attention_mass_kernel, "pallas_gpu": attention_mass_gpu.attention_mass}[path]
+    blocks = _blocks(path, block_sizes, {"pallas": MassBlockSizes, "pallas_gpu": attention_mass_gpu.BlockSizes})
+    fn = functools.partial(kernel, scale=scale, block_sizes=blocks, interpret=interpret)
   masks = {name: a for name, a in (("key_valid", key_valid), ("row_valid", row_valid), ("q_slots", q_slots))
            if a is not None}
   return _mass_on_devices(fn, q, k, masks)

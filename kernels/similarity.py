@@ -169,30 +169,40 @@ def max_similarity(x: jax.Array, y: jax.Array, *, metric: str = "cosine", mode: 
     (values float32[B, N], index int32[B, N]). Differentiable in x and y
     (the gradient of the reference: it flows through the chosen pair only).
   """
+  call = functools.partial(_best_call, block_sizes=block_sizes, interpret=interpret)
+  return run_kernel(call, x, y, metric, mode, x_valid, y_valid)
+
+
+def run_kernel(call, x, y, metric, mode, x_valid, y_valid):
+  """What every kernel form shares: checks, dtype promotion, the custom_vjp, the fully-masked-row fill.
+
+  `call(x, y, y_valid, metric, mode) -> (values float32[B, N], index int32[B, N])`
+  is the form's kernel (`_best_call` here, `similarity_gpu` on GPU).
+  """
   check_options(metric, mode)
   check_shapes(x, y, x_valid, y_valid)
   dtype = jnp.promote_types(x.dtype, y.dtype)
-  val, idx = _best(x.astype(dtype), y.astype(dtype), y_valid, metric, mode, block_sizes, interpret)
+  val, idx = _best(x.astype(dtype), y.astype(dtype), y_valid, metric, mode, call)
   has_any = jnp.ones(x.shape[:2], bool) if y_valid is None else jnp.any(y_valid, axis=-1)[:, None]
   if x_valid is not None:
     has_any = has_any & x_valid
   return jnp.where(has_any, val, fill_value(mode)), jnp.where(has_any, idx, 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _best(x, y, y_valid, metric, mode, block_sizes, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _best(x, y, y_valid, metric, mode, call):
   """(values float32[B, N], index int32[B, N]) before the fully-masked-row fill."""
-  return _best_call(x, y, y_valid, metric, mode, block_sizes, interpret)
+  return call(x, y, y_valid, metric, mode)
 
 
-def _best_fwd(x, y, y_valid, metric, mode, block_sizes, interpret):
-  val, idx = _best_call(x, y, y_valid, metric, mode, block_sizes, interpret)
+def _best_fwd(x, y, y_valid, metric, mode, call):
+  val, idx = call(x, y, y_valid, metric, mode)
   return (val, idx), (x, y, y_valid, idx)
 
 
-def _best_bwd(metric, mode, block_sizes, interpret, res, cotangents):
+def _best_bwd(metric, mode, call, res, cotangents):
   """The reference's gradient: only the chosen (row, column) score depends on x and y."""
-  del mode, block_sizes, interpret
+  del mode, call
   x, y, y_valid, idx = res
   g_val, _ = cotangents
   if y_valid is not None:  # a masked column's score is the constant fill value
@@ -205,7 +215,7 @@ def _best_bwd(metric, mode, block_sizes, interpret, res, cotangents):
 _best.defvjp(_best_fwd, _best_bwd)
 
 
-def _metric_terms(a: jax.Array, metric: str) -> jax.Array:
+def metric_terms(a: jax.Array, metric: str) -> jax.Array:
   """float32[B, L]: the per-row factor the kernel applies (inverse norm, squared norm, or unused zeros)."""
   a = a.astype(jnp.float32)
   sq = jnp.sum(a * a, axis=-1)
@@ -221,8 +231,8 @@ def _best_call(x, y, y_valid, metric, mode, block_sizes, interpret):
   b, n, d = x.shape
   m = y.shape[1]
   bn, bm = block_sizes.clamp(n, m)
-  x_terms = _metric_terms(x, metric)[..., None]  # [B, N] -> [B, N, 1]
-  y_terms = _metric_terms(y, metric)[:, None, :]  # [B, M] -> [B, 1, M]
+  x_terms = metric_terms(x, metric)[..., None]  # [B, N] -> [B, N, 1]
+  y_terms = metric_terms(y, metric)[:, None, :]  # [B, M] -> [B, 1, M]
   row_spec = pl.BlockSpec((None, bn, 1), lambda bi, i, j: (bi, i, 0))
   col_spec = pl.BlockSpec((None, 1, bm), lambda bi, i, j: (bi, 0, j))
   inputs = [x, y, x_terms, y_terms]

@@ -1,10 +1,12 @@
 """Kernel ops (kernels/): the jnp references and the Pallas kernels against float64 NumPy loops.
 
 `TestMaxSimilarity` / `TestAttentionMass` call the public ops with `impl=None`:
-the reference on CPU, the compiled kernel on TPU. Their `...Interpret`
-subclasses rerun every assertion on the Pallas kernel in interpret mode on
-CPU. Small blocks (8 x 128) and ragged shapes put several blocks, with a
-partial last one, on every axis.
+the reference on CPU, the compiled kernel on TPU, its GPU form on GPU. Their
+`...Interpret` subclasses rerun every assertion on the Mosaic TPU kernel in
+interpret mode on CPU, the `...GpuInterpret` ones on the GPU form (Pallas'
+Triton lowering, one program per block looping inside). Small blocks (8 x 128
+on TPU, 16 x 64 on GPU) and ragged shapes put several blocks, with a partial
+last one, on every axis.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 from jax import export
 from jax.experimental.pallas import tpu as pltpu
 
-from vtr_jax.kernels import ops, similarity
+from vtr_jax.kernels import attention_mass_gpu, ops, similarity, similarity_gpu
 from vtr_jax.kernels.attention_mass import BlockSizes as MassBlockSizes
 from vtr_jax.kernels.attention_mass import attention_mass as attention_mass_kernel
 from vtr_jax.kernels.attention_mass import attention_mass_reference
@@ -113,10 +115,12 @@ class TestMaxSimilarity:
   """ops.max_similarity against np_max_similarity; the reference on CPU, the kernel on TPU."""
   IMPL = None
   INTERPRET = False
-  BLOCKS = similarity.BlockSizes(block_n=8, block_m=128)
+  BLOCKS = {"pallas": similarity.BlockSizes(block_n=8, block_m=128),
+            "pallas_gpu": similarity_gpu.BlockSizes(block_n=16, block_m=64)}
 
   def call(self, x, y, **kw):
-    return ops.max_similarity(x, y, impl=self.IMPL, interpret=self.INTERPRET, block_sizes=self.BLOCKS, **kw)
+    blocks = self.BLOCKS.get(ops.choose(self.IMPL, has_kernel=True, interpret=self.INTERPRET))
+    return ops.max_similarity(x, y, impl=self.IMPL, interpret=self.INTERPRET, block_sizes=blocks, **kw)
 
   def inputs(self, seed, b=2, n=37, m=300, d=16, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
@@ -227,6 +231,10 @@ class TestMaxSimilarityInterpret(TestMaxSimilarity):
   IMPL, INTERPRET = "pallas", True
 
 
+class TestMaxSimilarityGpuInterpret(TestMaxSimilarity):
+  IMPL, INTERPRET = "pallas_gpu", True
+
+
 class TestMaxSimilarityKernelGradient:
   """The kernel's custom_vjp equals the reference's gradient."""
 
@@ -252,10 +260,12 @@ class TestAttentionMass:
   """ops.attention_mass against np_attention_mass; the reference on CPU, the kernel on TPU."""
   IMPL = None
   INTERPRET = False
-  BLOCKS = MassBlockSizes(block_rows=8, block_keys=128)
+  BLOCKS = {"pallas": MassBlockSizes(block_rows=8, block_keys=128),
+            "pallas_gpu": attention_mass_gpu.BlockSizes(block_rows=16, block_keys=64)}
 
   def call(self, q, k, **kw):
-    return ops.attention_mass(q, k, impl=self.IMPL, interpret=self.INTERPRET, block_sizes=self.BLOCKS, **kw)
+    blocks = self.BLOCKS.get(ops.choose(self.IMPL, has_kernel=True, interpret=self.INTERPRET))
+    return ops.attention_mass(q, k, impl=self.IMPL, interpret=self.INTERPRET, block_sizes=blocks, **kw)
 
   def inputs(self, seed, b=2, n=4, kh=2, r=5, s=300, h=16, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
@@ -347,6 +357,10 @@ class TestAttentionMassInterpret(TestAttentionMass):
   IMPL, INTERPRET = "pallas", True
 
 
+class TestAttentionMassGpuInterpret(TestAttentionMass):
+  IMPL, INTERPRET = "pallas_gpu", True
+
+
 class TestAttentionMassKernelGradient:
   """The kernel's custom_vjp equals the reference's gradient, bfloat16 inputs included."""
 
@@ -396,6 +410,13 @@ def test_block_sizes_are_validated_and_clamped():
     MassBlockSizes(block_rows=0)
   assert similarity.BlockSizes(block_n=256, block_m=512).clamp(37, 4096) == (37, 512)
   assert MassBlockSizes(block_rows=128, block_keys=512).clamp(4, 300) == (4, 300)
+  with pytest.raises(ValueError, match="block_n=24 must be a power of two >= 16"):
+    similarity_gpu.BlockSizes(block_n=24)
+  with pytest.raises(ValueError, match="block_keys=8 must be a power of two >= 16"):
+    attention_mass_gpu.BlockSizes(block_keys=8)
+  with pytest.raises(ValueError, match=r"impl='pallas_gpu' takes .*similarity_gpu.BlockSizes, got BlockSizes"):
+    ops.max_similarity(jnp.ones((1, 4, 8)), jnp.ones((1, 4, 8)), impl="pallas_gpu", interpret=True,
+                       block_sizes=similarity.BlockSizes())
 
 
 def _has_pallas_call(fn, *args):
@@ -410,14 +431,19 @@ def test_dispatch_reference_on_cpu_and_kernel_on_request(monkeypatch):
   assert not _has_pallas_call(ops.attention_mass, q, k)
   assert _has_pallas_call(functools.partial(ops.max_similarity, impl="pallas", interpret=True), x, x)
   assert _has_pallas_call(functools.partial(ops.attention_mass, impl="pallas", interpret=True), q, k)
+  assert _has_pallas_call(functools.partial(ops.max_similarity, impl="pallas_gpu", interpret=True), x, x)
+  assert _has_pallas_call(functools.partial(ops.attention_mass, impl="pallas_gpu", interpret=True), q, k)
   with pytest.raises(ValueError, match="backend is 'cpu'"):
     ops.max_similarity(x, x, impl="pallas")
+  with pytest.raises(ValueError, match="compiles for GPU only, this backend is 'cpu'"):
+    ops.attention_mass(q, k, impl="pallas_gpu")
   with pytest.raises(ValueError, match="unknown kernel impl 'triton'"):
     ops.attention_mass(q, k, impl="triton")
   with pytest.raises(ValueError, match="no Pallas kernel exists"):
     ops.topk_similarity(x, x, 2, impl="pallas", interpret=True)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert ops.choose(None, has_kernel=True, interpret=False) == "reference"
+  assert ops.choose(None, has_kernel=True, interpret=False) == "pallas_gpu"
+  assert ops.choose(None, has_kernel=False, interpret=False) == "reference"
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   assert ops.choose(None, has_kernel=True, interpret=False) == "pallas"
 
@@ -477,3 +503,22 @@ def test_kernels_lower_to_mosaic_tpu(dtype):
     module = export.export(g, platforms=["tpu"])(sd((2, 32, r, h), dtype), sd((2, 8, s, h), dtype), sd((2, s), bool),
                                                  sd((2, r), jnp.int32))
     assert module.mlir_module().count("tpu_custom_call") == 2
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_forms_lower_to_triton(dtype):
+  """Pallas -> Triton lowering (jax.export for platform "cuda", no GPU needed) accepts both GPU forms with
+  default blocks on LLaVA-scale and ragged, odd-width shapes. Triton's own compilation to PTX needs a GPU
+  (benchmarks/device_check.py runs it)."""
+  sd = jax.ShapeDtypeStruct
+  unchecked = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  for n, m, d in [(576, 576, 1024), (37, 300, 65)]:
+    f = jax.jit(lambda x, y, v: similarity_gpu.max_similarity(x, y, mode="min", y_valid=v))
+    module = export.export(f, platforms=["cuda"], disabled_checks=unchecked)(
+        sd((2, n, d), dtype), sd((2, m, d), dtype), sd((2, m), bool))
+    assert module.mlir_module().count("xla.gpu.triton") == 1
+  for r, s, h in [(64, 576, 128), (1, 300, 65)]:
+    g = jax.jit(lambda q, k, v, slots: attention_mass_gpu.attention_mass(q, k, key_valid=v, q_slots=slots))
+    module = export.export(g, platforms=["cuda"], disabled_checks=unchecked)(
+        sd((2, 32, r, h), dtype), sd((2, 8, s, h), dtype), sd((2, s), bool), sd((2, r), jnp.int32))
+    assert module.mlir_module().count("xla.gpu.triton") == 2

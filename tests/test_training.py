@@ -134,3 +134,56 @@ def test_auxiliary_scene_supervision_trains_heads_but_exports_only_the_model(tmp
   assert all(np.isfinite(r["loss"]) for r in m)
   params = _params(str(tmp_path))
   assert set(params["params"]) == {"vision", "projector", "decoder"}
+
+
+def test_non_finite_step_is_named_though_checked_only_at_log_steps(tmp_path):
+  """The loop reads the device only at log / checkpoint steps; a NaN learning rate makes step 2's loss
+  non-finite (step 1 runs on the initial parameters), found at the log step 4 and named."""
+  c = _config(steps=8, eval_every=0, log_every=4, checkpoint_every=100)
+  c.optim.lr = float("nan")
+  with pytest.raises(training.TrainingError, match=r"at step 2; stopping \(found at step 4;"):
+    training.train(c, str(tmp_path), progress=False)
+  assert training.read_metrics(str(tmp_path)) == []
+
+
+def test_no_device_read_between_log_steps(tmp_path):
+  """Every read from the device is an explicit one at a log step: an implicit transfer anywhere in the
+  loop (a float() of a metric per step) raises under the guard."""
+  c = _config(steps=8, eval_every=0, log_every=2, checkpoint_every=100)
+  with jax.transfer_guard_device_to_host("disallow"):
+    training.train(c, str(tmp_path), stop_after=4, progress=False)
+  assert [r["step"] for r in training.read_metrics(str(tmp_path))] == [2, 4]
+
+
+def test_bf16_compute_over_f32_master_weights():
+  """config.model.dtype=bfloat16 runs the model in bfloat16 over float32 parameters: the same parameters give a
+  loss close to the float32 model's, not equal to it, and gradients in float32 for the optimizer."""
+  from vtr_jax.data import vqa
+  from vtr_jax.models.vlm import VLM
+  tok = vqa.tokenizer()
+  c = _config()
+  rows = next(vqa.stream("train", 2, config=training.scene_config(c, training.model_config(c, tok)), workers=0))
+  out = {}
+  for dtype in ("float32", "bfloat16"):
+    c.model.dtype = dtype
+    cfg = training.model_config(c, tok)
+    assert cfg.text.dtype == cfg.vision.dtype == dtype and cfg.text.param_dtype == cfg.vision.param_dtype == "float32"
+    model = VLM(cfg)
+    params = training.init_params(model, cfg, 0)
+    batch = training.step_inputs(rows, tok, cfg, 0.0)
+    grad_fn = jax.jit(jax.value_and_grad(lambda p: training.loss_and_metrics({"model": p}, model, batch, None)[0]))
+    out[dtype] = grad_fn(params)
+  (loss32, _), (loss16, grads16) = out["float32"], out["bfloat16"]
+  assert {g.dtype for g in jax.tree_util.tree_leaves(grads16)} == {np.dtype("float32")}
+  assert float(loss16) != float(loss32)
+  np.testing.assert_allclose(float(loss16), float(loss32), rtol=2e-2)
+
+
+@pytest.mark.slow
+def test_bf16_training_with_remat_runs(tmp_path):
+  c = _config(steps=2, eval_every=0, log_every=1, checkpoint_every=100)
+  c.model.dtype = "bfloat16"
+  c.model.text.remat = "full"
+  training.train(c, str(tmp_path), progress=False)
+  assert all(np.isfinite(r["loss"]) for r in training.read_metrics(str(tmp_path)))
+  assert {x.dtype for x in jax.tree_util.tree_leaves(_params(str(tmp_path)))} == {np.dtype("float32")}

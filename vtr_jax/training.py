@@ -14,13 +14,22 @@ Everything runs on the config's device mesh (`config.mesh`, see
 `jax.eval_shape`), the step is jitted with in/out shardings and donates the
 old state, each process generates only its rows of every global batch, and
 orbax saves and restores the sharded state (onto any mesh shape).
+
+No step waits for the device: the loop reads values back only at log steps
+(`train.log_every`) and before a checkpoint is written. Whether any step so
+far had a non-finite loss or gradient norm is kept on the device (the first
+such step's number), so training still stops at the first bad step and names
+it, as big_vision's trainer does, and never checkpoints a state past it.
+`config.model.dtype` / `param_dtype` set the compute and parameter dtypes of
+the whole model (e.g. bfloat16 compute over float32 master weights: the
+optimizer updates float32 parameters, every matmul runs in bfloat16), and
+`config.model.text.remat` the decoder layers' rematerialisation policy.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import re
 import time
@@ -63,8 +72,9 @@ class TrainState:
 def model_config(config: ml_collections.ConfigDict, tok: Tokenizer) -> VLMConfig:
   """The VLMConfig a training config describes (vocabulary and special ids from the tokenizer)."""
   m = config.model
-  vision = VisionConfig(**{**m.vision.to_dict(), "feature_layers": tuple(m.vision.feature_layers)})
-  text = DecoderConfig(**{**m.text.to_dict(), "vocab_size": tok.vocab_size})
+  dtypes = {k: m[k] for k in ("dtype", "param_dtype") if m.get(k)}  # the whole model's, over the parts'
+  vision = VisionConfig(**{**m.vision.to_dict(), "feature_layers": tuple(m.vision.feature_layers), **dtypes})
+  text = DecoderConfig(**{**m.text.to_dict(), "vocab_size": tok.vocab_size, **dtypes})
   eos = tok.eos_token_id
   return VLMConfig(vision=vision, text=text, projector=m.projector, image_token_id=tok.image_token_id,
                    pad_token_id=tok.pad_token_id or 0, eos_token_ids=() if eos is None else (eos,),
@@ -222,6 +232,13 @@ def train_step(state: TrainState, batch, *, model: VLM, optim: tuple, plan, quer
   new = optax.apply_updates(trainable, updates)
   metrics["grad_norm"] = optax.global_norm(grads)
   return TrainState(state.step + 1, new["model"], new["heads"], opt_state), metrics
+
+
+@jax.jit
+def _note_first_bad(first_bad: Array, loss: Array, grad_norm: Array, step) -> Array:
+  """int32[]: the first step whose loss or gradient norm was not finite (0 while none was)."""
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  return jnp.where((first_bad == 0) & ~finite, jnp.asarray(step, jnp.int32), first_bad)
 
 
 def reduction_schedule(text: str | None) -> list[tuple[int | None, str]]:
@@ -444,7 +461,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   if lead and progress:
     _, shardings = state_shardings(model, config, aux_weight, mesh, rules)
     print(sharding.replication_report(state.params, shardings.params).summary())
-  start = int(state.step)
+  start = int(jax.device_get(state.step))
   schedule = reduction_schedule(config.train.get("reduction") or None)
   query_rows = config.train.get("query_rows", False)
   batch_size = config.train.batch_size
@@ -464,25 +481,30 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   metrics: dict[str, Any] = {}
   log_path = os.path.join(workdir, "metrics.jsonl")
   bar = tqdm(total=total, initial=start, disable=not (progress and lead), desc="train", dynamic_ncols=True)
+  first_bad = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))  # 0: every step finite
   t0 = time.perf_counter()
   try:
     for step in range(start, end):
       rows = next(data)  # this process's rows of the step's batch
       batch = sharding.global_batch(step_inputs(rows, tok, cfg, aux_weight), split, batch_size)
       state, step_metrics = step_fns[spec_at(schedule, step)](state, batch)
-      loss = float(step_metrics["loss"])
-      if not math.isfinite(loss) or not math.isfinite(float(step_metrics["grad_norm"])):
-        raise TrainingError(f"non-finite loss {loss} or gradient norm at step {step + 1}; stopping "
-                            f"(last checkpoint: step {mgr.latest_step()})")
-      mgr.save(step + 1, args=ocp.args.StandardSave(state))
-      bar.update(1)
-      bar.set_postfix(loss=f"{loss:.3f}")
       done = step + 1
-      if done % config.train.log_every == 0 or done == end:
-        metrics = {"step": done, "loss": loss, "accuracy": float(step_metrics["accuracy"]),
-                   "grad_norm": float(step_metrics["grad_norm"]), "lr": float(learning_rate(config)(step)),
+      first_bad = _note_first_bad(first_bad, step_metrics["loss"], step_metrics["grad_norm"], done)
+      log = done % config.train.log_every == 0 or done == end
+      if log or mgr.should_save(done):  # the only reads from the device
+        bad = int(jax.device_get(first_bad))
+        if bad:
+          raise TrainingError(f"non-finite loss or gradient norm at step {bad}; stopping (found at step {done}; "
+                              f"last checkpoint: step {mgr.latest_step()})")
+      mgr.save(done, args=ocp.args.StandardSave(state))
+      bar.update(1)
+      if log:
+        host = jax.device_get(step_metrics)
+        bar.set_postfix(loss=f"{float(host['loss']):.3f}")
+        metrics = {"step": done, "loss": float(host["loss"]), "accuracy": float(host["accuracy"]),
+                   "grad_norm": float(host["grad_norm"]), "lr": float(learning_rate(config)(step)),
                    "seconds": round(time.perf_counter() - t0, 2),
-                   **{k: float(v) for k, v in step_metrics.items() if k.startswith("aux/")}}
+                   **{k: float(v) for k, v in host.items() if k.startswith("aux/")}}
         if config.train.eval_every and (done % config.train.eval_every == 0 or done == total):
           if val_rows is None:
             val_rows = vqa.build_split("val", config.data.val_examples, scene_config(config, cfg))
@@ -494,7 +516,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     bar.close()
     mgr.wait_until_finished()
     mgr.close()
-  if int(state.step) >= (total if stop_at is None else stop_at):
+  if int(jax.device_get(state.step)) >= (total if stop_at is None else stop_at):
     from vtr_jax.convert import save
     state = state.replace(params=sharding.fetch(state.params))  # every process joins the gather; process 0 writes
     if lead:

@@ -6,7 +6,8 @@ Einsum letters used in this package (as in big_vision's gemma.py):
 
 Logical axis names live in `vtr_jax.axes` (re-exported here for the model
 files); every parameter is created through `param_axes`, so `vtr_jax.sharding`
-can map names to mesh axes from a config.
+can map names to mesh axes from a config. Attention itself (every
+implementation, and the reference einsum) is `vtr_jax.models.attention`.
 """
 
 from __future__ import annotations
@@ -67,40 +68,3 @@ def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
   logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
   logits = logits * (h ** -0.5)
   return logits.reshape(b, n, t, logits.shape[-1])  # [B, K, G, T, S] -> [B, N, T, S]
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: jax.Array | None, bias: jax.Array | None = None) -> jax.Array:
-  """Softmax attention with grouped-query heads, computed in float32.
-
-  Args:
-    q: float[B, T, N, H].  k, v: float[B, S, K, H].
-    mask: bool[B, T, S] (or broadcastable, e.g. [B, 1, S]); True = may attend.
-    bias: optional float[B, S] added to every query's logits (ToMe's log-size).
-  Returns:
-    float[B, T, N, H] in q's dtype.
-  """
-  logits = attention_logits(q, k)  # [B, N, T, S]
-  if bias is not None:
-    logits = logits + bias[:, None, None, :].astype(jnp.float32)
-  probs = masked_softmax(logits, None if mask is None else mask[:, None])
-  b, t, n, h = q.shape
-  kh = k.shape[2]
-  probs = probs.reshape(b, kh, n // kh, t, -1)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(b, t, n, h).astype(q.dtype)
-
-
-def causal_mask(valid_q: jax.Array, valid_k: jax.Array) -> jax.Array:
-  """bool[B, T, S] for a prefill where query t sits at key slot t.
-
-  Query t may attend key s when s <= t and key s is valid; every query may
-  attend itself so that padding rows stay finite (their outputs are unused).
-  """
-  t = valid_q.shape[1]
-  s = valid_k.shape[1]
-  slot_q = jnp.arange(t)[:, None]
-  slot_k = jnp.arange(s)[None, :]
-  allowed = (slot_k <= slot_q)[None] & valid_k[:, None, :]
-  return allowed | (slot_k == slot_q)[None]

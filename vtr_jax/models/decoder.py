@@ -11,9 +11,18 @@ K kv heads, H head dim, D model dim, F mlp dim, V vocabulary.
   axis i % 3 (`rope`). The causal mask still follows slot (sequence) order.
 - The KV cache is one `LayerCache` per layer, each with its own static length,
   because in-LLM token reduction shortens the caches of later layers.
-- `prefill` runs the layers as a Python loop over an `LLMState` and calls an
-  optional `BoundaryHook` before the layers it names: the seam where in-LLM
-  methods score, drop or merge tokens (`vtr_jax.seams`, `vtr_jax.reduce`).
+- `prefill` runs the layers over an `LLMState` and calls an optional
+  `BoundaryHook` before the layers it names: the seam where in-LLM methods
+  score, drop or merge tokens (`vtr_jax.seams`, `vtr_jax.reduce`). Between
+  two boundaries the layers see sequences of one length, so each such run
+  goes through `lax.scan` over the run's parameters stacked at call time
+  (`scan_layers`), optionally rematerialised (`remat`): a 32-layer decoder
+  with a boundary at layer 2 compiles two layer bodies, not 32. Parameters
+  stay one `layers_{i}` subtree per layer (what `vtr_jax.convert` writes and
+  reads); the stacked copy is cast to the compute dtype first, a cast each
+  layer's matmuls would make anyway.
+- Attention goes through `vtr_jax.models.attention.attend` with the
+  implementation `attention` names (`auto` picks per backend and length).
 """
 
 from __future__ import annotations
@@ -26,10 +35,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vtr_jax.models import attention as attn
 from vtr_jax.models import common as c
 from vtr_jax.seams import BoundaryHook, LayerAccess, LLMState
 
 Array = jax.Array
+
+
+# `DecoderConfig.remat` -> the `jax.checkpoint` policy of each layer (None: no rematerialisation).
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_saveable,
+                  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +58,13 @@ class DecoderConfig:
     tie_embeddings: the output head reuses the input embedding matrix.
     mrope_section: M-RoPE's split of the head_dim // 2 rotary frequencies over
       the (t, h, w) position axes (Qwen2.5-VL: (16, 24, 24)); () = 1-D RoPE.
+    attention: an implementation name of `vtr_jax.models.attention` (`auto`,
+      `reference`, `xla`, `cudnn`, `pallas`, `chunked`).
+    scan_layers: prefill runs each stretch of layers between boundaries
+      under `lax.scan` (False: a Python loop, one traced body per layer).
+    remat: rematerialisation of each layer in prefill (training): `none`,
+      `full` (save nothing), `dots` (save matmul outputs), `dots_no_batch`
+      (save matmul outputs without batch dimensions: the projections).
   """
   kind: str = "llama"
   vocab_size: int = 32064
@@ -58,10 +81,17 @@ class DecoderConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   mrope_section: tuple[int, ...] = ()
+  attention: str = "auto"
+  scan_layers: bool = True
+  remat: str = "none"
 
   def __post_init__(self):
     if self.kind not in ("llama", "qwen2"):
       raise ValueError(f"DecoderConfig.kind must be 'llama' or 'qwen2', got {self.kind!r}")
+    if self.attention not in attn.IMPLEMENTATIONS:
+      raise ValueError(f"DecoderConfig.attention {self.attention!r} is not one of {', '.join(attn.IMPLEMENTATIONS)}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"DecoderConfig.remat {self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
     if not self.head_dim and self.hidden_size % self.num_heads:
@@ -186,30 +216,32 @@ class DecoderAttention(nn.Module):
     theta, section = self.config.rope_theta, self.config.mrope_section
     return rope(self.q_proj(x), positions, theta, section), rope(self.k_proj(x), positions, theta, section)
 
-  def __call__(self, x: Array, positions: Array, mask: Array,
+  def __call__(self, x: Array, positions: Array, mask: attn.Mask | None,
                cache: LayerCache | None = None) -> tuple[Array, Array, Array, LayerCache | None]:
     """Attention over x (prefill) or over the cache plus x (decode).
 
     Args:
       x: float[B, T, D] normed hidden states.
       positions: int32[B, T] (or int32[B, T, 3] with M-RoPE).
-      mask: bool[B, T, S] (prefill, S = T) or bool[B, T, S_cache] (decode).
+      mask: the prefill's mask (`attn.Mask.causal_prefill`); None when
+        decoding (the cache's filled slots and x's own, causal from `end`).
       cache: for decoding, the layer's cache; x's keys are written at `end`.
     Returns:
       (out float[B, T, D], k float[B, T, K, H], v, updated cache or None).
     """
     q, k = self.qk(x, positions)
     v = self.v_proj(x)
+    implementation = self.config.attention
     if cache is None:
-      out = c.dot_product_attention(q, k, v, mask)
+      out = attn.attend(q, k, v, mask, implementation=implementation)
       return self.o_proj(out), k, v, None
     t = x.shape[1]
     new_k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache.end, axis=1)
     new_v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache.end, axis=1)
     new_valid = jax.lax.dynamic_update_slice_in_dim(
         cache.valid, jnp.ones((x.shape[0], t), bool), cache.end, axis=1)
+    out = attn.attend(q, new_k, new_v, attn.Mask.decode(new_valid, cache.end), implementation=implementation)
     cache = LayerCache(new_k, new_v, new_valid, cache.end + t, cache.next_position + t)
-    out = c.dot_product_attention(q, new_k, new_v, mask)
     return self.o_proj(out), k, v, cache
 
 
@@ -242,10 +274,10 @@ class DecoderLayer(nn.Module):
     """This layer's roped q, k for hidden states entering it (float[B, T, D])."""
     return self.self_attn.qk(self.input_layernorm(x), positions)
 
-  def __call__(self, x: Array, positions: Array, mask: Array, cache: LayerCache | None = None):
+  def __call__(self, x: Array, positions: Array, mask: attn.Mask | None, cache: LayerCache | None = None):
     """Returns (x float[B, T, D], k, v float[B, T, K, H], cache)."""
-    attn, k, v, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache)
-    x = x + attn
+    attended, k, v, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache)
+    x = x + attended
     x = x + self.mlp(self.post_attention_layernorm(x))
     x = c.constrain(x, (c.ACT_BATCH, c.ACT_LENGTH, c.ACT_EMBED))
     return x, k, v, cache
@@ -310,32 +342,82 @@ class Decoder(nn.Module):
       (logits float32[B, T', V] or [B, V], cache or None, final state).
     """
     caches: list[LayerCache] = []
-    for i, layer in enumerate(self.layers):
-      if hook is not None and i in hook.layers:
+    for start, stop in layer_runs(self.config.num_layers, hook.layers if hook is not None else ()):
+      if hook is not None and start in hook.layers:
         access = LayerAccess(qk=self.layer_qk, final_norm=self.norm, caches=tuple(caches),
                              num_layers=self.config.num_layers)
-        state = hook.fn(i, state.replace(layer=i), access)
-      mask = c.causal_mask(state.valid, state.valid)
-      x, k, v, _ = layer(state.x, state.positions, mask)
+        state = hook.fn(start, state.replace(layer=start), access)
+      x, ks, vs = self.run_layers(start, stop, state.x, state.positions, attn.Mask.causal_prefill(state.valid))
       state = state.replace(x=x)
       if cache_extra is not None:
-        caches.append(_new_cache(k, v, state.valid, state.positions, cache_extra, next_position))
+        caches.extend(_new_cache(k, v, state.valid, state.positions, cache_extra, next_position)
+                      for k, v in zip(ks, vs))
     x = state.x
     logits = self.logits(x[:, -1:])[:, 0] if last_only else self.logits(x)
     cache = KVCache(tuple(caches)) if cache_extra is not None else None
     return logits, cache, state
 
+  def run_layers(self, start: int, stop: int, x: Array, positions: Array, mask: attn.Mask
+                 ) -> tuple[Array, list[Array], list[Array]]:
+    """Layers start..stop-1 over one sequence: (x float[B, T, D], per layer k and v float[B, T, K, H]).
+
+    At init a Python loop over the bound layers (it creates their
+    parameters); afterwards each layer is `DecoderLayer.apply` on its own
+    parameters, the run's stacked under `lax.scan` when `scan_layers` and
+    the run is longer than one layer, each wrapped in `jax.checkpoint` when
+    `remat` says so.
+    """
+    cfg = self.config
+    if self.is_initializing():
+      ks, vs = [], []
+      for layer in self.layers[start:stop]:
+        x, k, v, _ = layer(x, positions, mask)
+        ks.append(k)
+        vs.append(v)
+      return x, ks, vs
+
+    unbound = DecoderLayer(cfg, parent=None)  # a pure function of its parameters
+
+    def body(x, params):
+      x, k, v, _ = unbound.apply({"params": params}, x, positions, mask)
+      return x, (k, v)
+
+    policy = REMAT_POLICIES[cfg.remat]
+    if policy is not None:
+      body = jax.checkpoint(body, policy=policy)
+    params = [nn.unbox(self.layers[i].variables["params"]) for i in range(start, stop)]
+    if not cfg.scan_layers or stop - start == 1:
+      ks, vs = [], []
+      for p in params:
+        x, (k, v) = body(x, p)
+        ks.append(k)
+        vs.append(v)
+      return x, ks, vs
+    compute = jnp.dtype(cfg.dtype)
+    cast = lambda a: a.astype(compute) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack([cast(p) for p in a]), *params)  # leaves [L, ...]
+    x, (k, v) = jax.lax.scan(body, x, stacked)  # k, v: [L, B, T, K, H]
+    return x, list(k), list(v)
+
   def decode_step(self, tokens: Array, cache: KVCache) -> tuple[Array, KVCache]:
-    """One token per sample: int32[B] -> (logits float32[B, V], cache)."""
+    """One token per sample: int32[B] -> (logits float32[B, V], cache).
+
+    A Python loop over the layers: their caches differ in length after
+    in-LLM reduction, and stacking caches per step would copy them.
+    """
     x = self.embed(tokens[:, None])  # [B, 1, D]
     new_layers = []
     for layer, lc in zip(self.layers, cache.layers):
-      slot = jnp.arange(lc.length)[None, :]
-      mask = (lc.valid | (slot == lc.end))[:, None, :]  # [B, 1, S]: filled slots and the new one
-      x, _, _, lc = layer(x, lc.next_position[:, None], mask, lc)
+      x, _, _, lc = layer(x, lc.next_position[:, None], None, lc)
       new_layers.append(lc)
     logits = self.logits(x)[:, 0]
     return logits, KVCache(tuple(new_layers))
+
+
+def layer_runs(num_layers: int, boundaries) -> list[tuple[int, int]]:
+  """[(start, stop), ...]: the stretches of layers between boundaries (each boundary starts one)."""
+  cuts = sorted({0, num_layers} | {b for b in boundaries if 0 < b < num_layers})
+  return list(zip(cuts[:-1], cuts[1:]))
 
 
 def _new_cache(k: Array, v: Array, valid: Array, positions: Array, extra: int,

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vtr_jax.models import attention as attn
 from vtr_jax.models import common as c
 from vtr_jax.models.decoder import RMSNorm, apply_rotary
 from vtr_jax.seams import take
@@ -66,6 +67,8 @@ class QwenVisionConfig:
     hidden_size: tower width D.
     intermediate_size: SwiGLU width.
     num_heads: attention heads (head dim = hidden_size / num_heads, a multiple of 4).
+    attention: the attention implementation (`vtr_jax.models.attention`; its segment masks run on
+      `reference` or `xla`).
     in_channels, patch_size, temporal_patch_size: one patch is
       (C, temporal_patch_size, patch_size, patch_size) pixels.
     spatial_merge_size: the merger joins m x m patches into one token.
@@ -93,6 +96,7 @@ class QwenVisionConfig:
   hidden_act: str = "silu"
   dtype: str = "float32"
   param_dtype: str = "float32"
+  attention: str = "auto"  # an implementation of `vtr_jax.models.attention` that takes segment masks
 
   def __post_init__(self):
     object.__setattr__(self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes))
@@ -242,14 +246,14 @@ class QwenVisionAttention(nn.Module):
         kernel_init=c.param_axes(c.dense_init(), (c.HEADS, c.HEAD_DIM, c.EMBED)),
         bias_init=c.param_axes(nn.initializers.zeros, (c.EMBED,)))
 
-  def __call__(self, x: Array, angles: Array, mask: Array) -> tuple[Array, Array, Array, Array]:
-    """x float[B, P, D] (normed), angles float32[B, P, 1, H/2], mask bool[B, P, P] ->
+  def __call__(self, x: Array, angles: Array, mask: attn.Mask) -> tuple[Array, Array, Array, Array]:
+    """x float[B, P, D] (normed), angles float32[B, P, 1, H/2], mask: the block's segments ->
     (out float[B, P, D], roped q, roped k, k before the rotary embedding: float[B, P, N, H])."""
     qkv = self.qkv(x)  # [B, P, 3, N, H]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q_r = apply_rotary(q.astype(jnp.float32), angles).astype(q.dtype)  # rotary in float32, as transformers
     k_r = apply_rotary(k.astype(jnp.float32), angles).astype(k.dtype)
-    out = c.dot_product_attention(q_r, k_r, v, mask)
+    out = attn.attend(q_r, k_r, v, mask, implementation=self.config.attention)
     return self.proj(out), q_r, k_r, k
 
 
@@ -385,7 +389,7 @@ class QwenVisionTower(nn.Module):
     angles = self.rotary_angles(layout.hw)
     segments = {name: jnp.repeat(ids, u, axis=1) for name, ids in (("window", layout.window),
                                                                    ("frame", layout.frame))}  # [B, P]
-    masks = {name: (s[:, :, None] == s[:, None, :]) & (s >= 0)[:, None, :] for name, s in segments.items()}
+    masks = {name: attn.Mask(segment_ids=ids) for name, ids in segments.items()}  # block-diagonal attention
     inverse = jnp.argsort(patch_order, axis=1)  # window order -> input order
     real = jnp.repeat(layout.valid, u, axis=1)  # [B, P] input order
 
@@ -397,8 +401,9 @@ class QwenVisionTower(nn.Module):
         if name == "keys":
           value = k_raw.mean(axis=2)
         else:
-          probs = c.masked_softmax(c.attention_logits(q, k), masks[kind][:, None])  # [B, N, P, P]
-          size = jnp.sum(masks[kind], axis=1)  # [B, P] queries that see each key (0 on padding)
+          dense = masks[kind].dense(p, p)  # [B, P, P] (the extra is requested for scoring, on small inputs)
+          probs = c.masked_softmax(c.attention_logits(q, k), dense[:, None])  # [B, N, P, P]
+          size = jnp.sum(dense, axis=1)  # [B, P] queries that see each key (0 on padding)
           value = probs.mean(axis=1).sum(axis=1) / jnp.maximum(size, 1)
         value = take(value, inverse)
         aux[f"vision/{name}/{i}"] = jnp.where(real.reshape(real.shape + (1,) * (value.ndim - 2)), value, 0)

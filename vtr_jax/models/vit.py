@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vtr_jax.models import attention as attn
 from vtr_jax.models import common as c
 from vtr_jax.models.inputs import check_pixels
 from vtr_jax.processors import ProcessorError, clip as clip_processor
@@ -74,6 +75,8 @@ class VisionConfig:
     reatten: FALCON's register interactive attention in every block: the
       registers of all views of one image attend to each other (needs
       registers).
+    attention: an implementation name of `vtr_jax.models.attention` for
+      every attention of the tower (`auto` picks per backend and length).
   """
   kind: str = "clip"
   image_size: int = 336
@@ -95,10 +98,13 @@ class VisionConfig:
   crops: int = 1
   thumbnail: bool = False
   reatten: bool = False
+  attention: str = "auto"
 
   def __post_init__(self):
     if self.kind not in ("clip", "siglip"):
       raise ValueError(f"VisionConfig.kind must be 'clip' or 'siglip', got {self.kind!r}")
+    if self.attention not in attn.IMPLEMENTATIONS:
+      raise ValueError(f"VisionConfig.attention {self.attention!r} is not one of {', '.join(attn.IMPLEMENTATIONS)}")
     clip = self.kind == "clip"
     if self.image_mean is None:
       object.__setattr__(self, "image_mean", CLIP_MEAN if clip else SIGLIP_MEAN)
@@ -214,7 +220,7 @@ class VisionAttention(nn.Module):
     """float[B, T, D] -> (out float[B, T, D], q, k float[B, T, N, H])."""
     q, k = self.qk(x)
     v = self.v_proj(x)
-    out = c.dot_product_attention(q, k, v, mask=None, bias=bias)
+    out = attn.attend(q, k, v, attn.Mask(key_bias=bias), implementation=self.config.attention)
     return self.out_proj(out), q, k
 
 
@@ -307,7 +313,7 @@ class AttentionPoolingHead(nn.Module):
     q = jnp.einsum("btd,dnh->btnh", jnp.broadcast_to(probe, (x.shape[0], 1, d)), in_proj[:, 0]) + in_bias[0]
     k = jnp.einsum("bsd,dnh->bsnh", x, in_proj[:, 1]) + in_bias[1]
     v = jnp.einsum("bsd,dnh->bsnh", x, in_proj[:, 2]) + in_bias[2]
-    out = c.dot_product_attention(q, k, v, mask=None)
+    out = attn.attend(q, k, v, implementation=cfg.attention)
     h = nn.DenseGeneral(d, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="out_proj",
                         kernel_init=c.param_axes(c.dense_init(), (c.HEADS, c.HEAD_DIM, c.EMBED)),
                         bias_init=c.param_axes(nn.initializers.zeros, (c.EMBED,)))(out)
