@@ -81,11 +81,23 @@ class Tokens:
     valid: bool[B, N] False for slots a data-dependent rule left empty
       (attention ignores them).
     size: float32[B, N] how many original patches a token stands for.
+    input: int32[B, N] or None: which visual input of the prompt (its image /
+      video placeholder, 0-based) the token belongs to; None for one image.
+    frame: int32[B, N] or None: the frame (video) or tile (anyres image) of
+      its input the token comes from; None when every input has one.
+    row, col: int32[B, N] or None: the token's (row, col) in its frame's or
+      tile's patch grid (the grid before any reduction).
+    Structure fields are gathered with the rest; methods that need them read
+    them (`tokens.frame`) and fail with a clear error when they are None.
   """
   x: Array
   positions: Array
   valid: Array
   size: Array
+  input: Array | None = None
+  frame: Array | None = None
+  row: Array | None = None
+  col: Array | None = None
 
   @property
   def count(self) -> int:
