@@ -22,5 +22,8 @@ def user_errors(program: str, *more: type[BaseException]):
     yield
   except USER_ERRORS + more as e:
     message = " ".join(str(e).split()) or type(e).__name__
-    print(f"{program}: error: {message}", file=sys.stderr)
+    print(f"{program}: error: {message}", file=sys.stderr, flush=True)
+    # Abandoned async work (orbax's pending reads of the corrupt step) would otherwise print "Exception
+    # ignored in <coroutine ...>" blocks after this line while the interpreter shuts down.
+    sys.unraisablehook = lambda unraisable: None
     sys.exit(2)
