@@ -7,13 +7,13 @@ from vtr_jax.models.visual_inputs import VisualInputs, token_structure
 
 
 def _units(f, rng):
-  return rng.standard_normal((f, 3, 4, 4)).astype(np.float32)
+  return rng.standard_normal((f, 4, 4, 3)).astype(np.float32)
 
 
 def test_mixed_batch_structure():
   rng = np.random.default_rng(0)
   vis = VisualInputs.from_lists([[_units(3, rng)], [_units(1, rng), _units(1, rng)]], max_units=4)
-  assert vis.pixels.shape == (2, 4, 3, 4, 4)
+  assert vis.pixels.shape == (2, 4, 4, 4, 3)
   np.testing.assert_array_equal(vis.unit_input, [[0, 0, 0, -1], [0, 1, -1, -1]])
   np.testing.assert_array_equal(vis.unit_frame, [[0, 1, 2, 0], [0, 0, 0, 0]])
   s = token_structure(vis, (2, 3))
@@ -31,8 +31,8 @@ def test_mixed_batch_structure():
 def test_bad_inputs_named():
   rng = np.random.default_rng(0)
   with pytest.raises(ValueError, match="F>=1"):
-    VisualInputs.from_lists([[np.zeros((0, 3, 4, 4), np.float32)], [_units(1, rng)]])
+    VisualInputs.from_lists([[np.zeros((0, 4, 4, 3), np.float32)], [_units(1, rng)]])
   with pytest.raises(ValueError, match="one shape"):
-    VisualInputs.from_lists([[_units(1, rng)], [rng.standard_normal((1, 3, 5, 4))]])
+    VisualInputs.from_lists([[_units(1, rng)], [rng.standard_normal((1, 5, 4, 3))]])
   with pytest.raises(ValueError, match="max_units"):
     VisualInputs.from_lists([[_units(3, rng)]], max_units=2)

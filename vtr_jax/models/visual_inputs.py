@@ -26,7 +26,7 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class VisualInputs:
   """Attributes:
-    pixels: float[B, M, C, H, W] every unit's pixels (zeros for padding).
+    pixels: float[B, M, H, W, C] every unit's pixels (zeros for padding).
     unit_input: int32[B, M] placeholder index (0-based) of each unit, -1 for padding.
     unit_frame: int32[B, M] frame (video) or tile (anyres) index within its input.
     unit_valid: bool[B, M] False for padding units.
@@ -38,14 +38,14 @@ class VisualInputs:
 
   @classmethod
   def from_lists(cls, samples: list[list[np.ndarray]], max_units: int | None = None) -> "VisualInputs":
-    """samples[b][i]: float[F, C, H, W] the units (frames or tiles; an image is F=1) of input i."""
+    """samples[b][i]: float[F, H, W, C] the units (frames or tiles; an image is F=1) of input i."""
     shapes = {u.shape[1:] for s in samples for inp in s for u in [np.asarray(inp)]}
     if len(shapes) != 1:
-      raise ValueError(f"every frame/tile must have one shape [C, H, W]; got {sorted(shapes)}: resize first")
+      raise ValueError(f"every frame/tile must have one shape [H, W, C]; got {sorted(shapes)}: resize first")
     for b, s in enumerate(samples):
       for i, inp in enumerate(s):
         if np.asarray(inp).ndim != 4 or len(inp) == 0:
-          raise ValueError(f"sample {b} input {i}: need float[F>=1, C, H, W], got shape {np.shape(inp)}")
+          raise ValueError(f"sample {b} input {i}: need float[F>=1, H, W, C], got shape {np.shape(inp)}")
     counts = [sum(len(inp) for inp in s) for s in samples]
     m = max(counts) if max_units is None else max_units
     if max(counts) > m:
