@@ -11,6 +11,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 import vtr_jax
 from vtr_jax import training
@@ -52,6 +53,7 @@ def _run_together(jobs: list[tuple[str, list[str], int, str]], timeout: int = 60
       raise AssertionError(f"{script} {' '.join(args)} ended with {rc}:\n{tail}")
 
 
+@pytest.mark.slow  # two JAX processes, ~40 s
 def test_two_processes_equal_one(tmp_path):
   port = _free_port()
   two, one = str(tmp_path / "two"), str(tmp_path / "one")

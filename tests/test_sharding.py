@@ -139,26 +139,31 @@ def _check_methods(entry, mesh):
     assert m["logits_max_diff"] < 1e-5, f"{where}: logits differ by {m['logits_max_diff']}"
 
 
+@pytest.mark.slow  # the module's mesh report: every method on three meshes, ~75 s
 def test_every_method_is_checked(report):
   assert set(report["meshes"]["2,2,2"]["methods"]) == set(registry())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["2,2,2", "8,1,1", "1,1,8"])
 def test_prefill_equals_single_device(report, mesh):
   _check_methods(report["meshes"][mesh], mesh)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["2,2,2", "8,1,1", "1,1,8"])
 def test_compiled_prefill_gathers_no_scores(report, mesh):
   entry = report["meshes"][mesh]
   assert not entry["score_gathers"], f"mesh {mesh}: score arrays gathered across devices: {entry['score_gathers']}"
 
 
+@pytest.mark.slow  # the module's mesh report: every method on three meshes, ~75 s
 def test_gather_check_catches_an_unwrapped_selection(report):
   found = report["unwrapped_fastv"]["score_gathers"]
   assert any(g["op"].endswith("top_k") for g in found), found
 
 
+@pytest.mark.slow  # the module's mesh report: every method on three meshes, ~75 s
 def test_train_step_equals_unsharded(report):
   step = report["meshes"]["2,2,2"]["train_step"]
   assert step["params_moved"] > 1e-4, step  # the steps really changed the parameters
@@ -166,12 +171,14 @@ def test_train_step_equals_unsharded(report):
   assert max(step["metric_diffs"].values()) < 1e-5, step
 
 
+@pytest.mark.slow  # the module's mesh report: every method on three meshes, ~75 s
 def test_pallas_kernels_run_per_device(report):
   kernels = report["meshes"]["2,2,2"]["kernels"]
   assert kernels["mass_max_diff"] < 1e-6 and kernels["similarity_max_diff"] < 1e-6 and kernels["index_equal"], kernels
   assert kernels["heads_summed_across_devices"], kernels  # 2 kv heads split over tensor=2, summed back
 
 
+@pytest.mark.slow  # the module's mesh report: every method on three meshes, ~75 s
 def test_checkpoint_restores_onto_another_mesh(report):
   restore = report["meshes"]["2,2,2"]["restore"]
   assert restore["values_equal"] and restore["shardings_match"], restore
