@@ -115,6 +115,25 @@ class Tokens:
     return jax.tree_util.tree_map(lambda a: take(a, idx), self)
 
 
+def unit_structure(unit_input: Array, unit_frame: Array, unit_valid: Array, grid: tuple[int, int]) -> dict:
+  """The `Tokens` structure fields of M units (images, frames or tiles) of rows x cols tokens each.
+
+  Args:
+    unit_input, unit_frame: int32[B, M] each unit's visual input and frame / tile index.
+    unit_valid: bool[B, M] False for padding units.
+    grid: (rows, cols) of one unit's patch grid (P = rows * cols tokens, raster order).
+  Returns:
+    dict input/frame/row/col int32[B, M * P] and valid bool[B, M * P], unit-major.
+  """
+  rows, cols = grid
+  p = rows * cols
+  b, m = unit_input.shape
+  cell = jnp.arange(m * p, dtype=jnp.int32) % p
+  rep = lambda a: jnp.repeat(a, p, axis=1)  # noqa: E731
+  return dict(input=rep(unit_input), frame=rep(unit_frame), row=jnp.broadcast_to(cell // cols, (b, m * p)),
+              col=jnp.broadcast_to(cell % cols, (b, m * p)), valid=rep(unit_valid))
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockHook:
   """A function called inside every tower block, between attention and MLP.

@@ -7,7 +7,8 @@ from rules import rule
 from rules._baselines import *  # noqa: F401,F403
 
 KEEP_ALL = "vispruner:keep=16"
-ERRORS = [("vispruner:keep=3,ratio=0.5", "give keep= or ratio=, not both")]
+ERRORS = [("vispruner:keep=3,ratio=0.5", "give keep= or ratio=, not both"),
+          ("vispruner:keep=4,important_ratio=1.5", "important_ratio=1.5 must be in")]
 
 
 def np_vispruner(scores, x, t, ratio):

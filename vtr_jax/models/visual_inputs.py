@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vtr_jax.seams import unit_structure
+
 Array = jax.Array
 
 
@@ -71,7 +73,7 @@ class VisualInputs:
 
 
 def token_structure(vis: VisualInputs, grid: tuple[int, int]) -> dict[str, Array]:
-  """Per-token structure for the tower tokens of every unit (unit-major, raster).
+  """Per-token structure for the tower tokens of every unit (unit-major, raster): `seams.unit_structure`.
 
   Args:
     vis: the batch's units (M per sample).
@@ -80,10 +82,4 @@ def token_structure(vis: VisualInputs, grid: tuple[int, int]) -> dict[str, Array
     dict input/frame/row/col int32[B, M * P] and valid bool[B, M * P], the
     names of `seams.Tokens`' structure fields.
   """
-  rows, cols = grid
-  p = rows * cols
-  b, m = vis.unit_input.shape
-  rep = lambda a: jnp.repeat(a, p, axis=1)  # noqa: E731
-  r = jnp.broadcast_to(jnp.tile(jnp.repeat(jnp.arange(rows, dtype=jnp.int32), cols), m), (b, m * p))
-  c = jnp.broadcast_to(jnp.tile(jnp.arange(p, dtype=jnp.int32) % cols, m), (b, m * p))
-  return dict(input=rep(vis.unit_input), frame=rep(vis.unit_frame), row=r, col=c, valid=rep(vis.unit_valid))
+  return unit_structure(vis.unit_input, vis.unit_frame, vis.unit_valid, grid)

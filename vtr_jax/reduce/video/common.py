@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from vtr_jax.reduce.api import ReductionError
-from vtr_jax.seams import Tokens
+from vtr_jax.seams import Tokens, unit_structure
 
 
 def frame_tokens(x, grid: tuple[int, int], frames_valid=None) -> Tokens:
@@ -29,11 +29,8 @@ def frame_tokens(x, grid: tuple[int, int], frames_valid=None) -> Tokens:
     raise ReductionError(f"frame_tokens: grid {grid} has {gh * gw} cells but frames have {p} tokens; "
                          "pass the frame's patch grid")
   n = f * p
-  idx = jnp.arange(n, dtype=jnp.int32)
-  frame = jnp.broadcast_to(idx // p, (b, n))
-  row = jnp.broadcast_to((idx % p) // gw, (b, n))
-  col = jnp.broadcast_to(idx % gw, (b, n))
   count = jnp.full((b,), f, jnp.int32) if frames_valid is None else jnp.asarray(frames_valid, jnp.int32)
-  valid = frame < count[:, None]
-  return Tokens(x.reshape(b, n, d), jnp.broadcast_to(idx, (b, n)), valid, jnp.ones((b, n), jnp.float32),
-                input=jnp.zeros((b, n), jnp.int32), frame=frame, row=row, col=col)
+  frames = jnp.broadcast_to(jnp.arange(f, dtype=jnp.int32), (b, f))
+  s = unit_structure(jnp.zeros((b, f), jnp.int32), frames, frames < count[:, None], grid)
+  return Tokens(x.reshape(b, n, d), jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), s["valid"],
+                jnp.ones((b, n), jnp.float32), input=s["input"], frame=s["frame"], row=s["row"], col=s["col"])
